@@ -1,0 +1,60 @@
+"""AdaMergeX cross-lingual adapter merging for Hugging Face PEFT.
+
+``import adamergex_peft`` is cheap: it imports neither torch nor peft. The public names below are
+loaded on first use (PEP 562), and ``PeftModel.merge_crosslingual`` /
+``PeftModel.merge_crosslingual_into_base`` are attached as soon as ``peft`` is imported (now, if
+it already is; otherwise by a one-shot import hook).
+
+>>> import adamergex_peft
+>>> from adamergex_peft import AdaMergeXConfig
+>>> cfg = AdaMergeXConfig(task_adapter="task_en", source_reference_adapter="ref_en",
+...                       target_reference_adapter="ref_sw", t=1.0)
+>>> # model.merge_crosslingual(cfg, adapter_name="task_sw")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from adamergex_peft import _peft_hook
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    "AdaMergeXConfig": "adamergex_peft.config",
+    "AdaMergeXError": "adamergex_peft.errors",
+    "AdapterWeights": "adamergex_peft.merge",
+    "MergeResult": "adamergex_peft.merge",
+    "merge_state_dicts": "adamergex_peft.merge",
+    "merge_crosslingual": "adamergex_peft.model",
+    "merge_crosslingual_into_base": "adamergex_peft.model",
+    "BaseMergeHandle": "adamergex_peft.model",
+    "load_adapter_folder": "adamergex_peft.io",
+    "merge_adapter_files": "adamergex_peft.io",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adamergex_peft.config import AdaMergeXConfig
+    from adamergex_peft.errors import AdaMergeXError
+    from adamergex_peft.io import load_adapter_folder, merge_adapter_files
+    from adamergex_peft.merge import AdapterWeights, MergeResult, merge_state_dicts
+    from adamergex_peft.model import BaseMergeHandle, merge_crosslingual, merge_crosslingual_into_base
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adamergex_peft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_peft_hook.install()
