@@ -36,12 +36,12 @@ _LAZY: dict[str, str] = {
 
 __all__ = ["__version__", *_LAZY]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from adamergex_peft.config import AdaMergeXConfig
-    from adamergex_peft.errors import AdaMergeXError
-    from adamergex_peft.io import load_adapter_folder, merge_adapter_files
-    from adamergex_peft.merge import AdapterWeights, MergeResult, merge_state_dicts
-    from adamergex_peft.model import BaseMergeHandle, merge_crosslingual, merge_crosslingual_into_base
+if TYPE_CHECKING:  # pragma: no cover (re-exports for type checkers)
+    from adamergex_peft.config import AdaMergeXConfig  # noqa: F401
+    from adamergex_peft.errors import AdaMergeXError  # noqa: F401
+    from adamergex_peft.io import load_adapter_folder, merge_adapter_files  # noqa: F401
+    from adamergex_peft.merge import AdapterWeights, MergeResult, merge_state_dicts  # noqa: F401
+    from adamergex_peft.model import BaseMergeHandle, merge_crosslingual, merge_crosslingual_into_base  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -2,28 +2,50 @@
 
 If ``peft.peft_model`` is already imported, the methods are attached at once. Otherwise a
 meta-path finder waits for that module to finish executing, attaches them, and removes itself.
-This keeps ``import adamergex_peft`` free of torch/peft start-up cost (several seconds).
+This keeps ``import adamergex_peft`` free of torch/peft start-up cost (several seconds). The
+methods import :mod:`adamergex_peft.model` only when called.
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 
 _TARGET = "peft.peft_model"
 
 
-def _attach() -> None:
-    from adamergex_peft.model import attach_to_peft_model
+def merge_crosslingual(self, config, adapter_name: str) -> str:
+    """Add the AdaMergeX merge of three of this model's adapters as a new adapter.
 
-    attach_to_peft_model()
+    See :func:`adamergex_peft.merge_crosslingual`.
+    """
+    from adamergex_peft.model import merge_crosslingual as impl
+
+    return impl(self, config, adapter_name)
+
+
+def merge_crosslingual_into_base(self, config):
+    """Add the AdaMergeX update to the base weights in place; returns a handle with ``undo()``.
+
+    See :func:`adamergex_peft.merge_crosslingual_into_base`.
+    """
+    from adamergex_peft.model import merge_crosslingual_into_base as impl
+
+    return impl(self, config)
+
+
+def _attach(module) -> None:
+    cls = module.PeftModel
+    if not hasattr(cls, "merge_crosslingual"):
+        cls.merge_crosslingual = merge_crosslingual
+    if not hasattr(cls, "merge_crosslingual_into_base"):
+        cls.merge_crosslingual_into_base = merge_crosslingual_into_base
 
 
 class _PeftModelFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the real loader of ``peft.peft_model`` to run ``_attach``."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: D102
+    def find_spec(self, fullname, path, target=None):
         if fullname != _TARGET:
             return None
         for finder in sys.meta_path:
@@ -42,7 +64,7 @@ class _PeftModelFinder(importlib.abc.MetaPathFinder):
         def exec_module(module):
             original_exec(module)
             _uninstall()
-            _attach()
+            _attach(module)
 
         loader.exec_module = exec_module
         return spec
@@ -57,8 +79,9 @@ def _uninstall() -> None:
 
 
 def install() -> None:
-    """Attach now if peft is loaded, else arrange to attach when it is."""
-    if _TARGET in sys.modules:
-        _attach()
+    """Attach now if ``peft.peft_model`` is loaded, else arrange to attach when it is."""
+    module = sys.modules.get(_TARGET)
+    if module is not None and hasattr(module, "PeftModel"):
+        _attach(module)
     elif _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)

@@ -1,0 +1,491 @@
+"""The merge engine: three PEFT adapter state dicts in, one PEFT adapter state dict out.
+
+Both front ends use it: :mod:`adamergex_peft.model` (adapters inside a ``PeftModel``) and
+:mod:`adamergex_peft.io` (adapter folders, no base model). Inputs are PEFT's saved format (keys
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.ia3_l``, no adapter name), so
+the output can be saved with ``safetensors`` or loaded with ``set_peft_model_state_dict``.
+
+The per-module math lives in :mod:`adamergex_peft.merge_utils`; this module validates the inputs,
+walks the modules, picks the formula for ``(method, strategy)`` and builds the output config.
+Everything is validated and computed before anything is returned, so a caller that registers or
+writes the result only afterwards never leaves partial state behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import IA3Config, LoraConfig, PeftConfig, PeftType
+from peft.utils.other import get_pattern_key
+
+from adamergex_peft import merge_utils as mu
+from adamergex_peft.config import AdaMergeXConfig
+from adamergex_peft.errors import AdaMergeXError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+IA3_SUFFIX = ".ia3_l"
+# Initialisations that rewrite the base weights: such adapters only make sense with that base.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda")
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter as PEFT saves it.
+
+    Args:
+        name: how messages refer to it (adapter name or folder path).
+        peft_config: its ``LoraConfig`` or ``IA3Config``.
+        state_dict: tensors keyed as in ``adapter_model.safetensors`` (see module docstring).
+    """
+
+    name: str
+    peft_config: PeftConfig
+    state_dict: dict[str, torch.Tensor]
+
+
+@dataclass
+class MergeResult:
+    """A merged adapter: an ordinary ``LoraConfig``/``IA3Config`` and its weights in PEFT's saved format.
+
+    ``report`` holds diagnostics: ``{"rank": ..., "modules": n, "svd_kept_energy": {module: share}}``.
+    """
+
+    peft_config: PeftConfig
+    state_dict: dict[str, torch.Tensor]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- input parsing
+@dataclass
+class _LoraModule:
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+def _module_target_name(module: str) -> str:
+    """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the name PEFT matches)."""
+    return module[len(PREFIX) :] if module.startswith(PREFIX) else module
+
+
+def _check_config(adapter: AdapterWeights) -> None:
+    cfg = adapter.peft_config
+    if cfg.peft_type not in (PeftType.LORA, PeftType.IA3):
+        raise AdaMergeXError(
+            f"adapter {adapter.name!r} is a {cfg.peft_type} adapter; AdaMergeX merges LORA and IA3 adapters only."
+        )
+    if getattr(cfg, "modules_to_save", None):
+        raise AdaMergeXError(
+            f"adapter {adapter.name!r} has modules_to_save={sorted(cfg.modules_to_save)}: fully trained modules "
+            "have no language-gap arithmetic; retrain without them."
+        )
+    if cfg.peft_type == PeftType.LORA:
+        if cfg.use_dora:
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r} is a DoRA adapter (use_dora=True): its magnitude vector is not additive, "
+                "so the LoRA merge formulas do not apply."
+            )
+        if getattr(cfg, "target_parameters", None):
+            raise AdaMergeXError(f"adapter {adapter.name!r} targets parameters (target_parameters); not supported.")
+        if getattr(cfg, "lora_bias", False):
+            raise AdaMergeXError(f"adapter {adapter.name!r} trains a LoRA bias (lora_bias=True); not supported.")
+        if cfg.bias != "none":
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r} trains base biases (bias={cfg.bias!r}); only bias='none' is supported."
+            )
+        init = cfg.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r} was initialised with {init!r}, which rewrites the base weights; save it "
+                "converted to a plain LoRA (path_initial_model_for_weight_conversion) before merging."
+            )
+
+
+def _check_finite(adapter: AdapterWeights, key: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise AdaMergeXError(f"adapter {adapter.name!r}, tensor {key!r}: dtype {tensor.dtype} is not floating point.")
+    if not bool(torch.isfinite(tensor).all()):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise AdaMergeXError(f"adapter {adapter.name!r}, tensor {key!r}: {n_bad} NaN/Inf values.")
+
+
+def _parse_lora(adapter: AdapterWeights) -> dict[str, _LoraModule]:
+    cfg: LoraConfig = adapter.peft_config
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.state_dict.items():
+        for suffix in LORA_SUFFIXES:
+            if key.endswith(suffix):
+                halves.setdefault(key[: -len(suffix)], {})[suffix] = tensor
+                break
+        else:
+            what = (
+                "a DoRA magnitude vector"
+                if "lora_magnitude_vector" in key
+                else "an embedding/conv LoRA factor"
+                if "lora_embedding" in key
+                else "a LoRA bias"
+                if ".lora_B.bias" in key
+                else "not a LoRA factor"
+            )
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r}, tensor {key!r}: {what}; only Linear/Conv1D LoRA is supported."
+            )
+        _check_finite(adapter, key, tensor)
+    modules: dict[str, _LoraModule] = {}
+    for module, pair in halves.items():
+        if len(pair) != 2:
+            missing = [s for s in LORA_SUFFIXES if s not in pair][0]
+            raise AdaMergeXError(f"adapter {adapter.name!r}, module {module!r}: missing {missing[1:]!r}.")
+        a, b = pair[LORA_SUFFIXES[0]], pair[LORA_SUFFIXES[1]]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r}, module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                "are not factors of one update (expected r x in and out x r)."
+            )
+        target = _module_target_name(module)
+        alpha_key = get_pattern_key(cfg.alpha_pattern.keys(), target)
+        alpha = cfg.alpha_pattern.get(alpha_key, cfg.lora_alpha)
+        modules[module] = _LoraModule(a, b, mu.lora_scaling(alpha, a.shape[0], cfg.use_rslora))
+    if not modules:
+        raise AdaMergeXError(f"adapter {adapter.name!r} has no LoRA weights.")
+    return modules
+
+
+def _parse_ia3(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
+    vectors: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter.state_dict.items():
+        if not key.endswith(IA3_SUFFIX):
+            raise AdaMergeXError(f"adapter {adapter.name!r}, tensor {key!r}: not an (IA)^3 scaling vector.")
+        _check_finite(adapter, key, tensor)
+        if tensor.dim() != 2 or 1 not in tensor.shape:
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r}, tensor {key!r}: shape {tuple(tensor.shape)} is not an (IA)^3 vector."
+            )
+        vectors[key[: -len(IA3_SUFFIX)]] = tensor
+    if not vectors:
+        raise AdaMergeXError(f"adapter {adapter.name!r} has no (IA)^3 weights.")
+    return vectors
+
+
+# ------------------------------------------------------------------------------------- the methods
+# For each method: which adapters it reads, as (role, weight) with roles "T", "Rg", "Rs".
+def _roles(config: AdaMergeXConfig) -> dict[str, float]:
+    t = config.t
+    return {
+        "adamergex": {"T": 1.0, "Rg": t, "Rs": -t},
+        "cross": {"T": 1.0, "Rg": t, "Rs": -t},
+        "arimerge": {"T": 1.0, "Rg": 1.0, "Rs": -1.0},
+        "task_only": {"T": 1.0},
+        "task_plus_target": {"T": 1.0, "Rg": t},
+    }[config.method]
+
+
+# A LoRA combine function takes the module's factors by role, the weight of each role, the config
+# and the output rank (used by svd), and returns ((A, B), kept energy or None).
+def _combine_lora_exact(mods, weights, config, rank):
+    factors = [(mods[r].a, mods[r].b, mods[r].scaling) for r in weights]
+    return mu.lora_stack(factors, [weights[r] for r in weights]), None
+
+
+def _combine_lora_svd(mods, weights, config, rank):
+    (a, b), _ = _combine_lora_exact(mods, weights, config, rank)
+    a, b, kept = mu.lora_svd(a, b, rank)
+    return (a, b), kept
+
+
+def _zeros_like_present(mods: dict[str, _LoraModule], role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``role``, or zeros of the common shape when the module is missing from that adapter."""
+    if role in mods:
+        return mods[role].a, mods[role].b
+    ref = next(iter(mods.values()))
+    return torch.zeros_like(ref.a), torch.zeros_like(ref.b)
+
+
+def _combine_lora_factorwise(mods, weights, config, rank):
+    roles = list(weights)
+    a = mu.linear_combination([_zeros_like_present(mods, r)[0] for r in roles], [weights[r] for r in roles])
+    b = mu.linear_combination([_zeros_like_present(mods, r)[1] for r in roles], [weights[r] for r in roles])
+    return (a, b), None
+
+
+def _combine_lora_arimerge(mods, weights, config, rank):
+    c0, c1 = config.arimerge_weights
+    return mu.arimerge_lora(*(_zeros_like_present(mods, r) for r in ("T", "Rg", "Rs")), c0, c1), None
+
+
+def _combine_lora_cross(mods, weights, config, rank):
+    # A module missing from an adapter has no factors to divide or multiply; the element-wise
+    # analogy is only defined where all three adapters train the module.
+    if len(mods) != 3:
+        missing = sorted({"T", "Rg", "Rs"} - set(mods))
+        raise AdaMergeXError(f"method 'cross' needs the module in all three adapters; missing from {missing}")
+    return mu.elementwise_multiplicative_factors(*((mods[r].a, mods[r].b) for r in ("T", "Rg", "Rs")), config.t), None
+
+
+def _combine_ia3_multiplicative(vecs, weights, config):
+    one = next(iter(vecs.values()))
+    ones = torch.ones_like(one)
+    task = vecs.get("T", ones)
+    if "Rg" not in weights:  # task_only
+        return task.clone()
+    fn = mu.multiplicative_linear if config.ia3_strategy == "linear" else mu.multiplicative_power
+    source = vecs.get("Rs", ones) if "Rs" in weights else None
+    return fn(task, vecs.get("Rg", ones), source, config.t)
+
+
+def _combine_ia3_additive(vecs, weights, config):
+    ones = torch.ones_like(next(iter(vecs.values())))
+    roles = list(weights)
+    return mu.linear_combination([vecs.get(r, ones) for r in roles], [weights[r] for r in roles])
+
+
+def _combine_ia3_arimerge(vecs, weights, config):
+    ones = torch.ones_like(next(iter(vecs.values())))
+    c0, c1 = config.arimerge_weights
+    return mu.arimerge_ia3(vecs.get("T", ones), vecs.get("Rg", ones), vecs.get("Rs", ones), c0, c1)
+
+
+# (method, lora_strategy) -> (combine function, output representation)
+# "stacked": scaling 1, rank = sum of ranks (padded to the largest module); "svd": scaling 1, rank
+# svd_rank; "uniform": the inputs' common rank and scaling (factor-level formulas).
+_LORA_METHODS: dict[tuple[str, str], tuple[Callable, str]] = {}
+for _method in ("adamergex", "task_only", "task_plus_target"):
+    _LORA_METHODS[(_method, "exact")] = (_combine_lora_exact, "stacked")
+    _LORA_METHODS[(_method, "svd")] = (_combine_lora_svd, "svd")
+    _LORA_METHODS[(_method, "factorwise")] = (_combine_lora_factorwise, "uniform")
+for _strategy in ("exact", "svd", "factorwise"):
+    _LORA_METHODS[("arimerge", _strategy)] = (_combine_lora_arimerge, "uniform")
+    _LORA_METHODS[("cross", _strategy)] = (_combine_lora_cross, "uniform")
+
+_IA3_METHODS: dict[str, Callable] = {
+    "adamergex": _combine_ia3_multiplicative,
+    "task_only": _combine_ia3_multiplicative,
+    "task_plus_target": _combine_ia3_multiplicative,
+    "cross": _combine_ia3_additive,
+    "arimerge": _combine_ia3_arimerge,
+}
+
+
+# ---------------------------------------------------------------------------------------- the engine
+def merge_state_dicts(
+    task: AdapterWeights,
+    source_reference: AdapterWeights,
+    target_reference: AdapterWeights,
+    config: AdaMergeXConfig,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> MergeResult:
+    """Merge three adapters with AdaMergeX (or a baseline) into one ordinary PEFT adapter.
+
+    LoRA (additive), per module, with ``dW_X = s_X B_X A_X`` and a module missing from an adapter
+    counting as ``dW_X = 0``:
+
+    ==================  =============================================================================
+    method              update
+    ==================  =============================================================================
+    adamergex           ``dW_T + t (dW_Rg - dW_Rs)``
+    task_only           ``dW_T``
+    task_plus_target    ``dW_T + t dW_Rg``
+    arimerge            ``A = c0 A_T + c1 (A_Rg + A_Rs)``, ``B = c0 B_T + c1 (B_Rg - B_Rs)``
+    cross               ``A = A_T * (t (A_Rg / A_Rs - 1) + 1)``, same for ``B`` (element-wise)
+    ==================  =============================================================================
+
+    ``lora_strategy`` picks the representation for the first three: ``exact`` stacks the factors
+    (rank ``sum r``, scaling 1, exact), ``svd`` truncates that to ``svd_rank`` (``report`` has the
+    kept energy per module), ``factorwise`` combines ``A`` and ``B`` separately like the official
+    code (``A_T + t (A_Rg - A_Rs)``; needs equal ranks and scalings). ``arimerge`` and ``cross`` are
+    factor-level by definition and need equal ranks and scalings too.
+
+    (IA)^3 (multiplicative), per module, a missing module counting as ``l = 1``:
+
+    ==================  =============================================================================
+    adamergex           linear: ``l_T (t (l_Rg / l_Rs - 1) + 1)``; power: ``l_T (l_Rg / l_Rs) ** t``
+    task_only           ``l_T``
+    task_plus_target    as adamergex with ``l_Rs = 1``
+    arimerge            ``(1 - c0) + c0 l_T + c1 (l_Rg - l_Rs)``
+    cross               ``l_T + t (l_Rg - l_Rs)``
+    ==================  =============================================================================
+
+    Computation is in float32 on ``device`` (default: the task adapter's); the result has ``dtype``
+    (default: the task adapter's).
+
+    Raises:
+        AdaMergeXError: invalid or incompatible input, naming the adapter and module. Nothing is
+            modified: the input tensors are only read.
+    """
+    adapters = {"T": task, "Rs": source_reference, "Rg": target_reference}
+    for adapter in adapters.values():
+        _check_config(adapter)
+    types = {role: a.peft_config.peft_type for role, a in adapters.items()}
+    if len(set(types.values())) != 1:
+        listing = ", ".join(f"{adapters[r].name!r} is {types[r].value}" for r in ("T", "Rs", "Rg"))
+        raise AdaMergeXError(f"adapters of different types cannot be merged: {listing}.")
+    first = next(iter(task.state_dict.values()), None)
+    if first is None:
+        raise AdaMergeXError(f"adapter {task.name!r} has no weights.")
+    device = torch.device(device) if device is not None else first.device
+    dtype = dtype or first.dtype
+
+    weights = _roles(config)
+    used = {role: adapters[role] for role in weights}
+    if types["T"] == PeftType.LORA:
+        return _merge_lora(used, weights, config, device, dtype)
+    return _merge_ia3(used, weights, config, device, dtype)
+
+
+def _check_shapes(module: str, shapes: dict[str, tuple[int, ...]], adapters: dict[str, AdapterWeights], what: str):
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{adapters[r].name!r}: {s}" for r, s in shapes.items())
+        raise AdaMergeXError(
+            f"module {module!r}: {what} differ between adapters ({listing}); were they trained on the same base model?"
+        )
+
+
+def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
+    parsed = {role: _parse_lora(adapter) for role, adapter in used.items()}
+    combine, representation = _LORA_METHODS[(config.method, config.lora_strategy)]
+    modules = sorted(set().union(*parsed.values()))
+    task_cfg: LoraConfig = used["T"].peft_config
+
+    uniform = None
+    if representation == "uniform":
+        uniform = _uniform_rank_and_scaling(parsed, used, config)
+    svd_rank = config.svd_rank or task_cfg.r
+
+    out_rank = {"stacked": 0, "svd": svd_rank, "uniform": uniform[0] if uniform else 0}[representation]
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    kept: dict[str, float] = {}
+    for module in modules:
+        present = {r: parsed[r][module] for r in parsed if module in parsed[r]}
+        _check_shapes(
+            module, {r: (m.a.shape[1], m.b.shape[0]) for r, m in present.items()}, used, "(in, out) features"
+        )
+        mods = {
+            r: _LoraModule(
+                m.a.to(device=device, dtype=torch.float32), m.b.to(device=device, dtype=torch.float32), m.scaling
+            )
+            for r, m in present.items()
+        }
+        module_weights = {r: w for r, w in weights.items() if r in mods or representation == "uniform"}
+        try:
+            (a, b), kept_share = combine(mods, module_weights, config, svd_rank)
+        except AdaMergeXError as err:
+            raise AdaMergeXError(f"module {_module_target_name(module)!r}: {err}") from None
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise AdaMergeXError(
+                f"module {_module_target_name(module)!r}: the {config.method} merge produced NaN/Inf values."
+            )
+        if kept_share is not None:
+            kept[_module_target_name(module)] = kept_share
+        results[module] = (a, b)
+        if representation == "stacked":
+            out_rank = max(out_rank, a.shape[0])
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for module, (a, b) in results.items():
+        if a.shape[0] < out_rank:  # partial overlap: pad with zero rank components
+            a = torch.cat([a, a.new_zeros(out_rank - a.shape[0], a.shape[1])], dim=0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], out_rank - b.shape[1])], dim=1)
+        state_dict[module + LORA_SUFFIXES[0]] = a.to(dtype).contiguous()
+        state_dict[module + LORA_SUFFIXES[1]] = b.to(dtype).contiguous()
+
+    if representation == "uniform":
+        rank, scaling = uniform
+        alpha, use_rslora = scaling * rank, False
+    else:
+        alpha, use_rslora = float(out_rank), False  # scaling 1: the scalings are folded into A
+    if float(alpha).is_integer():
+        alpha = int(alpha)
+    peft_config = dataclasses.replace(
+        task_cfg,
+        r=out_rank,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=sorted(_module_target_name(m) for m in modules),
+        rank_pattern={},
+        alpha_pattern={},
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+    report: dict[str, Any] = {"peft_type": "LORA", "rank": out_rank, "modules": len(modules)}
+    if kept:
+        report["svd_kept_energy"] = kept
+        report["svd_kept_energy_min"] = min(kept.values())
+        logger.info(
+            "svd merge to rank %d keeps %.4f of the update's energy (worst module; mean %.4f)",
+            out_rank,
+            min(kept.values()),
+            sum(kept.values()) / len(kept),
+        )
+    return MergeResult(peft_config, state_dict, report)
+
+
+def _uniform_rank_and_scaling(parsed, used, config) -> tuple[int, float]:
+    """Factor-level formulas need one rank and one scaling across all modules of all adapters."""
+    seen: dict[tuple[int, float], str] = {}
+    for role, mods in parsed.items():
+        for module, m in mods.items():
+            key = (m.rank, m.scaling)
+            if not any(k[0] == key[0] and math.isclose(k[1], key[1], rel_tol=1e-6) for k in seen):
+                seen[key] = f"{used[role].name!r} module {_module_target_name(module)!r}"
+    if len(seen) > 1:
+        listing = "; ".join(f"{where}: rank {r}, scaling {s:g}" for (r, s), where in seen.items())
+        hint = (
+            "" if config.method in ("arimerge", "cross") else " Use lora_strategy='exact' or 'svd' for such adapters."
+        )
+        raise AdaMergeXError(
+            f"method {config.method!r} (lora_strategy {config.lora_strategy!r}) combines A and B separately and needs "
+            f"one rank and one scaling in all adapters, found: {listing}.{hint}"
+        )
+    return next(iter(seen))
+
+
+def _merge_ia3(used, weights, config, device, dtype) -> MergeResult:
+    parsed = {role: _parse_ia3(adapter) for role, adapter in used.items()}
+    combine = _IA3_METHODS[config.method]
+    modules = sorted(set().union(*parsed.values()))
+    state_dict: dict[str, torch.Tensor] = {}
+    feedforward: list[str] = []
+    for module in modules:
+        present = {r: parsed[r][module] for r in parsed if module in parsed[r]}
+        _check_shapes(module, {r: tuple(v.shape) for r, v in present.items()}, used, "(IA)^3 vector shapes")
+        vecs = {r: v.to(device=device, dtype=torch.float32) for r, v in present.items()}
+        try:
+            out = combine(vecs, weights, config)
+        except AdaMergeXError as err:
+            raise AdaMergeXError(f"module {_module_target_name(module)!r}: {err}") from None
+        if not bool(torch.isfinite(out).all()):
+            raise AdaMergeXError(
+                f"module {_module_target_name(module)!r}: the {config.method} merge produced NaN/Inf values."
+            )
+        state_dict[module + IA3_SUFFIX] = out.to(dtype).contiguous()
+        vec = next(iter(present.values()))
+        if vec.shape[0] == 1 and vec.shape[1] != 1:  # (1, in_features): feed-forward module
+            feedforward.append(_module_target_name(module))
+    task_cfg: IA3Config = used["T"].peft_config
+    peft_config = dataclasses.replace(
+        task_cfg,
+        target_modules=sorted(_module_target_name(m) for m in modules),
+        feedforward_modules=sorted(feedforward),
+        exclude_modules=None,
+        init_ia3_weights=True,
+        inference_mode=True,
+    )
+    return MergeResult(peft_config, state_dict, {"peft_type": "IA3", "modules": len(modules)})

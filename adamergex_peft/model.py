@@ -1,0 +1,297 @@
+"""AdaMergeX on a ``peft.PeftModel``: build a merged adapter in place, or merge into the base weights.
+
+This is the plumbing between a ``PeftModel`` and the engine in :mod:`adamergex_peft.merge`: it reads
+the three adapters' weights through PEFT's ``get_peft_model_state_dict`` (no copies), and registers
+the result with PEFT's own ``add_adapter`` + ``set_peft_model_state_dict``, so the new adapter is an
+ordinary LoRA/(IA)^3 adapter that ``save_pretrained`` writes in PEFT's format.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from peft import PeftModel
+from peft.tuners.ia3 import IA3Layer
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from adamergex_peft.config import AdaMergeXConfig
+from adamergex_peft.errors import AdaMergeXError
+from adamergex_peft.merge import (
+    IA3_SUFFIX,
+    LORA_SUFFIXES,
+    PREFIX,
+    AdapterWeights,
+    MergeResult,
+    merge_state_dicts,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Largest float32 temporary (in elements) used when adding an update to a non-float32 weight.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check_peft_model(model) -> None:
+    if not isinstance(model, PeftModel):
+        raise AdaMergeXError(
+            f"expected a peft.PeftModel, got {type(model).__name__}; load the adapters with "
+            "PeftModel.from_pretrained(base, task_dir, adapter_name=...) and model.load_adapter(dir, adapter_name=...)."
+        )
+
+
+def _compute(model: PeftModel, config: AdaMergeXConfig) -> MergeResult:
+    """Validate the named adapters and run the engine on their (shared, uncopied) tensors."""
+    _check_peft_model(model)
+    names = {
+        "task_adapter": config.task_adapter,
+        "source_reference_adapter": config.source_reference_adapter,
+        "target_reference_adapter": config.target_reference_adapter,
+    }
+    for field_name, name in names.items():
+        if name not in model.peft_config:
+            raise AdaMergeXError(
+                f"{field_name}={name!r} is not an adapter of this model; loaded adapters: {sorted(model.peft_config)}."
+            )
+    state_dict = model.state_dict()  # references to the parameters, not copies
+    weights = [
+        AdapterWeights(
+            name,
+            model.peft_config[name],
+            get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name),
+        )
+        for name in names.values()
+    ]
+    return merge_state_dicts(*weights, config)
+
+
+def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: str) -> str:
+    """Add a new adapter ``adapter_name`` to ``model``: the AdaMergeX merge of three of its adapters.
+
+    For LoRA the new adapter's update is ``dW_T + t (dW_Rg - dW_Rs)`` (``method="adamergex"``,
+    ``lora_strategy="exact"``: stacked factors of rank ``r_T + r_Rg + r_Rs``, no dense matrix);
+    for (IA)^3 it is ``l_T * (t (l_Rg / l_Rs - 1) + 1)`` (``ia3_strategy="linear"``). See
+    :func:`adamergex_peft.merge.merge_state_dicts` for every method and strategy.
+
+    Like PEFT's ``add_weighted_adapter``, the new adapter is not activated (call
+    ``model.set_adapter(adapter_name)``), the source adapters and base weights are not modified,
+    and the new adapter's parameters are frozen. Its tensors are on the task adapter's device and
+    in its dtype (computed in float32). ``model.save_pretrained(dir, selected_adapters=[name])``
+    writes an ordinary PEFT adapter that loads without this library.
+
+    Args:
+        model: a ``PeftModel`` holding the adapters named in ``config``.
+        config: which adapters, ``t``, method and strategies.
+        adapter_name: name of the new adapter; must not exist yet.
+
+    Returns:
+        ``adapter_name``.
+
+    Raises:
+        AdaMergeXError: unknown or incompatible adapters, bad values, an existing ``adapter_name``.
+            The model is left exactly as it was.
+    """
+    _check_peft_model(model)
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise AdaMergeXError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    if adapter_name in model.peft_config:
+        raise AdaMergeXError(
+            f"an adapter named {adapter_name!r} already exists; choose another name or delete it first "
+            f"(model.delete_adapter({adapter_name!r}))."
+        )
+    result = _compute(model, config)
+    active_before = list(model.active_adapters)
+    try:
+        model.add_adapter(adapter_name, result.peft_config, low_cpu_mem_usage=True, autocast_adapter_dtype=False)
+        load = set_peft_model_state_dict(model, result.state_dict, adapter_name=adapter_name, low_cpu_mem_usage=True)
+        missing = [k for k in load.missing_keys if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")]
+        if load.unexpected_keys or missing:
+            raise AdaMergeXError(
+                f"PEFT did not accept the merged weights for {adapter_name!r}: "
+                f"unexpected {load.unexpected_keys[:3]}, missing {missing[:3]}."
+            )
+    except Exception:
+        if adapter_name in model.peft_config:
+            model.delete_adapter(adapter_name)
+        if list(model.active_adapters) != active_before:
+            model.set_adapter(active_before if len(active_before) > 1 else active_before[0])
+        raise
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+            param.requires_grad_(False)
+    logger.info(
+        "added adapter %r: %s of %r, %r and %r (t=%g), %s",
+        adapter_name,
+        config.method,
+        config.task_adapter,
+        config.target_reference_adapter,
+        config.source_reference_adapter,
+        config.t,
+        result.report,
+    )
+    return adapter_name
+
+
+# ------------------------------------------------------------------------------ merge into the base
+def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+    """``weight += alpha * left @ right`` in place, accumulating in float32.
+
+    A float32 weight gets one ``addmm_``; another dtype is updated in row blocks whose float32
+    temporaries stay below ``_CHUNK_ELEMENTS`` elements.
+    """
+    left = left.to(device=weight.device, dtype=torch.float32)
+    right = right.to(device=weight.device, dtype=torch.float32)
+    if weight.dtype == torch.float32:
+        weight.addmm_(left, right, alpha=alpha)
+        return
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows]
+        block.copy_(torch.addmm(block.float(), left[start : start + rows], right, alpha=alpha))
+
+
+@dataclass
+class _LoraUpdate:
+    weight: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    scaling: float
+
+    def apply(self, sign: float) -> None:
+        _add_low_rank_(self.weight, self.left, self.right, sign * self.scaling)
+
+
+@dataclass
+class _IA3Update:
+    weight: torch.Tensor
+    scale: torch.Tensor  # broadcastable to weight
+    bias: torch.Tensor | None
+    bias_scale: torch.Tensor | None
+
+    def apply(self, sign: float) -> None:
+        op = torch.mul if sign > 0 else torch.div
+        self.weight.copy_(op(self.weight.float(), self.scale).to(self.weight.dtype))
+        if self.bias is not None:
+            self.bias.copy_(op(self.bias.float(), self.bias_scale).to(self.bias.dtype))
+
+
+@dataclass
+class BaseMergeHandle:
+    """The result of :func:`merge_crosslingual_into_base`; :meth:`undo` takes the update out again.
+
+    ``report`` is the engine's report (rank, modules, svd kept energy).
+    """
+
+    config: AdaMergeXConfig
+    report: dict
+    _updates: list = field(default_factory=list, repr=False)
+    merged: bool = True
+
+    def undo(self) -> None:
+        """Subtract (LoRA) or divide out ((IA)^3) the merged update, restoring the base weights.
+
+        In float32 the weights come back up to rounding (about 1e-7 relative); in bf16/fp16 each
+        merge/undo pair rounds once more. Calling it twice is an error.
+        """
+        if not self.merged:
+            raise AdaMergeXError("this merge was already undone.")
+        with torch.no_grad():
+            for update in reversed(self._updates):
+                update.apply(-1.0)
+        self.merged = False
+
+
+def merge_crosslingual_into_base(model: PeftModel, config: AdaMergeXConfig) -> BaseMergeHandle:
+    """Add the AdaMergeX update to the base weights of ``model`` in place (zero inference overhead).
+
+    LoRA: ``W += s B A`` per module with the merged factors (for ``exact``, the stacked factors of
+    all three adapters: one ``addmm`` per module, float32 accumulation, no dense update beyond one
+    block of ``W``). (IA)^3: ``W *= l`` (and the bias of a non-feed-forward module), as PEFT's
+    ``IA3Layer.merge`` does. No adapter is added and the adapters are not modified; they stay active,
+    so evaluate the merged base with ``with model.disable_adapter(): ...`` or take it out with
+    ``model.unload()``.
+
+    Returns:
+        A :class:`BaseMergeHandle`; ``handle.undo()`` restores the weights (e.g. to try another ``t``
+        without reloading the model).
+
+    Raises:
+        AdaMergeXError: as :func:`merge_crosslingual`; nothing is modified.
+    """
+    result = _compute(model, config)
+    updates = _plan_base_updates(model, result)
+    handle = BaseMergeHandle(config=config, report=result.report, _updates=[])
+    with torch.no_grad():
+        for update in updates:
+            update.apply(1.0)
+            handle._updates.append(update)
+    logger.info("merged %s (t=%g) into %d base weights", config.method, config.t, len(updates))
+    return handle
+
+
+def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
+    """Resolve every merged module to its base weight and check it, before anything is modified."""
+    cfg = result.peft_config
+    updates: list = []
+    if cfg.peft_type.value == "LORA":
+        scaling = cfg.lora_alpha / (cfg.r**0.5 if cfg.use_rslora else cfg.r)
+        modules = sorted({k[: -len(s)] for k in result.state_dict for s in LORA_SUFFIXES if k.endswith(s)})
+        for module in modules:
+            layer = _layer(model, module, LoraLayer)
+            weight = _base_weight(layer, module)
+            a = result.state_dict[module + LORA_SUFFIXES[0]]
+            b = result.state_dict[module + LORA_SUFFIXES[1]]
+            left, right = (a.T, b.T) if getattr(layer, "fan_in_fan_out", False) else (b, a)
+            if tuple(weight.shape) != (left.shape[0], right.shape[1]):
+                raise AdaMergeXError(
+                    f"module {module!r}: merged update does not fit the base weight {tuple(weight.shape)}."
+                )
+            updates.append(_LoraUpdate(weight, left, right, scaling))
+    else:
+        for key, vec in result.state_dict.items():
+            module = key[: -len(IA3_SUFFIX)]
+            layer = _layer(model, module, IA3Layer)
+            weight = _base_weight(layer, module)
+            vec = vec.to(device=weight.device, dtype=torch.float32)
+            if bool((vec == 0).any()):
+                raise AdaMergeXError(
+                    f"module {module!r}: the merged (IA)^3 vector has zeros; merging it into the base could not be undone."
+                )
+            scale = vec.T if getattr(layer, "fan_in_fan_out", False) else vec
+            base = layer.get_base_layer()
+            bias = base.bias if (not layer.is_feedforward and getattr(base, "bias", None) is not None) else None
+            updates.append(_IA3Update(weight, scale, bias, vec.reshape(bias.shape) if bias is not None else None))
+    return updates
+
+
+def _layer(model: PeftModel, module: str, kind: type):
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, kind):
+        raise AdaMergeXError(f"module {module[len(PREFIX) :]!r}: no {kind.__name__} at this path in the model.")
+    return layer
+
+
+def _base_weight(layer, module: str) -> torch.Tensor:
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    if weight is None or not weight.is_floating_point():
+        raise AdaMergeXError(
+            f"module {module[len(PREFIX) :]!r}: the base weight is not a floating-point tensor "
+            "(quantized?); merge into an unquantized model."
+        )
+    return weight.data
+
+
+# --------------------------------------------------------------------------- PeftModel integration
+def attach_to_peft_model() -> None:
+    """Make ``model.merge_crosslingual(cfg, name)`` and ``model.merge_crosslingual_into_base(cfg)`` work."""
+    from adamergex_peft import _peft_hook
+
+    _peft_hook.install()
+
+
+attach_to_peft_model()
