@@ -351,7 +351,8 @@ def _check_shapes(module: str, shapes: dict[str, tuple[int, ...]], adapters: dic
     if len(set(shapes.values())) > 1:
         listing = ", ".join(f"{adapters[r].name!r}: {s}" for r, s in shapes.items())
         raise AdaMergeXError(
-            f"module {module!r}: {what} differ between adapters ({listing}); were they trained on the same base model?"
+            f"module {_module_target_name(module)!r}: {what} differ between adapters ({listing}); were they trained on "
+            "the same base model?"
         )
 
 
