@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import tiny
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 

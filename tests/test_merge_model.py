@@ -9,9 +9,9 @@ import sys
 import textwrap
 
 import pytest
-import torch
 import tiny
-from peft import LoraConfig, PeftModel
+import torch
+from peft import LoraConfig
 from peft.tuners.ia3 import IA3Layer
 from peft.tuners.lora import LoraLayer
 
@@ -132,13 +132,13 @@ def test_svd_rank_energy_and_exactness(llama_lora):
     model, scaling = llama_lora
     # enough rank: equals exact
     model.merge_crosslingual(cfg(t=0.5, lora_strategy="svd", svd_rank=12), "svd_full")
-    for name, layer in lora_layers(model).items():
+    for _name, layer in lora_layers(model).items():
         if "svd_full" in layer.lora_A:
             assert layer.lora_A["svd_full"].weight.shape[0] == 12
             assert rel(layer.get_delta_weight("svd_full"), expected_lora(layer, "adamergex", 0.5, scaling)) < 1e-5
     # default rank = task rank (4): the best rank-4 approximation, with the kept energy reported
     model.merge_crosslingual(cfg(t=0.5, lora_strategy="svd"), "svd4")
-    for name, layer in lora_layers(model).items():
+    for _name, layer in lora_layers(model).items():
         if "svd4" in layer.lora_A:
             assert layer.lora_A["svd4"].weight.shape[0] == 4
             ref = expected_lora(layer, "adamergex", 0.5, scaling)
@@ -168,13 +168,12 @@ def test_factorwise_is_the_official_code():
         if "fw" not in layer.lora_A:
             continue
 
-        def f(n, which):
-            if n not in layer.lora_A:
-                return 0.0
-            return (layer.lora_A if which == "A" else layer.lora_B)[n].weight.double()
-
         for which, mod in (("A", layer.lora_A), ("B", layer.lora_B)):
-            ref = f(T, which) + t * (f(RG, which) - f(RS, which))
+
+            def f(n, mod=mod):
+                return mod[n].weight.double() if n in mod else 0.0
+
+            ref = f(T) + t * (f(RG) - f(RS))
             assert rel(mod["fw"].weight, ref) < 1e-6, (name, which)
         # same scaling as the inputs (8 / 4 = 2): the product has the official code's cross terms
         assert layer.scaling["fw"] == pytest.approx(2.0)
