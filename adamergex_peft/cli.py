@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 # Sub-command modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("adamergex_peft.commands.merge",)
+COMMANDS: tuple[str, ...] = ("adamergex_peft.commands.merge", "adamergex_peft.commands.tasks_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

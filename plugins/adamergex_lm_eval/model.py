@@ -1,0 +1,305 @@
+"""``lm_eval --model adamergex``: evaluate an AdaMergeX-merged adapter in lm-evaluation-harness.
+
+:class:`AdaMergeXLM` is lm-eval's :class:`~lm_eval.models.huggingface.HFLM` with one override,
+:meth:`~AdaMergeXLM._create_model` (HFLM's documented extension point): after HFLM has loaded the
+base model, it loads the task adapter and the two reference adapters with PEFT, builds the
+target-language adapter with :mod:`adamergex_peft` and, by default, merges it into the base weights
+and unloads PEFT, so evaluation runs at the speed of the base model. Everything else (device,
+dtype, batching, ``accelerate launch`` data parallelism, ``parallelize=True``, chat templates) is
+HFLM's own.
+
+Example::
+
+    lm_eval --model adamergex \\
+        --model_args pretrained=meta-llama/Llama-2-7b-hf,task_adapter=out/xcopa_en,\\
+    source_reference_adapter=out/wiki_en,target_reference_adapter=out/wiki_sw,t=1.0,dtype=bfloat16 \\
+        --tasks adamergex_xcopa_sw
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (register the built-in models before ours, see adamergex_lm_eval._hook)
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "adamergex"
+
+#: Names the three input adapters get inside the PeftModel, and the name of the merged adapter.
+ADAPTER_NAMES: dict[str, str] = {
+    "task_adapter": "task",
+    "source_reference_adapter": "source_reference",
+    "target_reference_adapter": "target_reference",
+}
+MERGED_ADAPTER_NAME = "adamergex"
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _error(argument: str, message: str) -> ValueError:
+    """A one-line error that names the offending model_arg."""
+    return ValueError(f"adamergex model_args: {argument}: {message}")
+
+
+def _parse_float(argument: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise _error(argument, f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _error(argument, f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise _error(argument, f"expected a finite number, got {value!r}")
+    return number
+
+
+def _parse_bool(argument: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise _error(argument, f"expected true or false, got {value!r}")
+
+
+def _parse_optional_int(argument: str, value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, bool):
+        raise _error(argument, f"expected a positive integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise _error(argument, f"expected a positive integer, got {value!r}") from None
+    if str(number) != str(value).strip() or number < 1:
+        raise _error(argument, f"expected a positive integer, got {value!r}")
+    return number
+
+
+def parse_arimerge_weights(value: Any) -> tuple[float, float]:
+    """Parse ``arimerge_weights``: ``"c0:c1"`` (e.g. ``"0.5:0.5"``) or a pair of numbers.
+
+    lm-eval splits ``--model_args`` on commas, so the two weights are separated by a colon.
+    """
+    argument = "arimerge_weights"
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 2:
+            raise _error(argument, f"expected two numbers 'c0:c1' (e.g. 0.5:0.5), got {value!r}")
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = list(value)
+    else:
+        raise _error(argument, f"expected two numbers 'c0:c1' (e.g. 0.5:0.5), got {value!r}")
+    return (_parse_float(argument, parts[0]), _parse_float(argument, parts[1]))
+
+
+def _check_adapter(argument: str, location: str, revision: str | None, token: Any) -> str:
+    """Read the adapter's PEFT config (a local folder or a hub id); return its peft type."""
+    from peft import PeftConfig
+
+    if os.path.isdir(location) and not os.path.isfile(os.path.join(location, "adapter_config.json")):
+        raise _error(argument, f"{location!r} is a folder without adapter_config.json (not a PEFT adapter)")
+    kwargs: dict[str, Any] = {}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if token is not None:
+        kwargs["token"] = token
+    try:
+        config = PeftConfig.from_pretrained(location, **kwargs)
+    except Exception as err:  # hub/IO/JSON errors: report them on one line, naming the argument
+        reason = " ".join(str(err).split())[:300]
+        raise _error(
+            argument, f"cannot load a PEFT adapter from {location!r} (not a local folder or hub id?): {reason}"
+        ) from err
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
+@register_model(MODEL_NAME)
+class AdaMergeXLM(HFLM):
+    """HFLM evaluating the AdaMergeX target-language adapter built from three PEFT adapters.
+
+    AdaMergeX (Zhao et al., NAACL 2025) builds ``A(g, T) = A(s, T) (+) t * (A(g, R) (-) A(s, R))``
+    from a task adapter trained in the source language, and two reference adapters (causal LM on
+    plain text) in the source and the target language; see :class:`adamergex_peft.AdaMergeXConfig`.
+
+    Args:
+        pretrained: The base model (local folder or hub id), as for ``--model hf``.
+        task_adapter: PEFT adapter (LoRA or (IA)^3) trained on the task in the source language.
+        source_reference_adapter: Reference adapter in the source language.
+        target_reference_adapter: Reference adapter in the target language.
+        t: Scale of the language gap (0: the task adapter as is; 1: the literal analogy).
+        method: ``adamergex`` (default), or a baseline: ``cross``, ``arimerge``, ``task_only``,
+            ``task_plus_target``.
+        lora_strategy: ``exact`` (default), ``svd`` or ``factorwise``.
+        ia3_strategy: ``linear`` (default) or ``power``.
+        svd_rank: Rank for ``lora_strategy=svd`` (default: the task adapter's rank).
+        arimerge_weights: ``"c0:c1"`` for ``method=arimerge`` (default ``"0.5:0.5"``).
+        merge_into_base: If true (default), add the merged update into the base weights and unload
+            PEFT (plain transformers model, base-model speed). If false, keep a PeftModel with the
+            merged adapter active (the three inputs are deleted from it).
+        adapter_revision: Hub revision of the three adapters (default: PEFT's default). HFLM's
+            ``revision`` applies to the base model only.
+        **kwargs: Every other HFLM argument (``dtype``, ``device``, ``batch_size``, ``revision``,
+            ``trust_remote_code``, ``parallelize``, ``max_length``, ...). ``peft`` and ``delta`` are
+            refused: the adapter is built from the three inputs.
+
+    Raises:
+        ValueError: A missing or invalid argument, with a one-line message naming it.
+    """
+
+    def __init__(
+        self,
+        pretrained: Any = None,
+        task_adapter: str | None = None,
+        source_reference_adapter: str | None = None,
+        target_reference_adapter: str | None = None,
+        t: float | str = 1.0,
+        method: str = "adamergex",
+        lora_strategy: str = "exact",
+        ia3_strategy: str = "linear",
+        svd_rank: int | str | None = None,
+        arimerge_weights: str | tuple[float, float] = "0.5:0.5",
+        merge_into_base: bool | str = True,
+        adapter_revision: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if pretrained is None or (isinstance(pretrained, str) and not pretrained.strip()):
+            raise _error("pretrained", "required (the base model: a local folder or hub id)")
+        for argument in ("peft", "delta"):
+            if kwargs.get(argument) not in (None, ""):
+                raise _error(
+                    argument,
+                    "not supported by --model adamergex (the adapter is built from task_adapter, "
+                    "source_reference_adapter and target_reference_adapter); use --model hf for a single adapter",
+                )
+            kwargs.pop(argument, None)
+        locations = {
+            "task_adapter": task_adapter,
+            "source_reference_adapter": source_reference_adapter,
+            "target_reference_adapter": target_reference_adapter,
+        }
+        for argument, location in locations.items():
+            if not isinstance(location, str) or not location.strip():
+                raise _error(argument, "required (a PEFT adapter folder or hub id)")
+        if adapter_revision is not None:
+            adapter_revision = str(adapter_revision)
+
+        from adamergex_peft import AdaMergeXConfig, AdaMergeXError
+
+        try:
+            self._adamergex_config = AdaMergeXConfig(
+                task_adapter=ADAPTER_NAMES["task_adapter"],
+                source_reference_adapter=ADAPTER_NAMES["source_reference_adapter"],
+                target_reference_adapter=ADAPTER_NAMES["target_reference_adapter"],
+                t=_parse_float("t", t),
+                method=str(method),
+                lora_strategy=str(lora_strategy),
+                ia3_strategy=str(ia3_strategy),
+                svd_rank=_parse_optional_int("svd_rank", svd_rank),
+                arimerge_weights=parse_arimerge_weights(arimerge_weights),
+            )
+        except AdaMergeXError as err:
+            # "AdaMergeXConfig.<field> must be ..." -> "adamergex model_args: <field>: must be ..."
+            message = str(err)
+            prefix = "AdaMergeXConfig."
+            if message.startswith(prefix) and " " in message:
+                field_name, rest = message[len(prefix) :].split(" ", 1)
+                raise _error(field_name, rest) from None
+            raise ValueError(f"adamergex model_args: {message}") from None
+        self._adapter_locations = {k: v.strip() for k, v in locations.items()}
+        self._adapter_revision = adapter_revision
+        self._merge_into_base = _parse_bool("merge_into_base", merge_into_base)
+
+        # Fail fast, before the (possibly large) base model is loaded.
+        token = kwargs.get("token")
+        peft_types = {
+            argument: _check_adapter(argument, location, adapter_revision, token)
+            for argument, location in self._adapter_locations.items()
+        }
+        if len(set(peft_types.values())) != 1:
+            found = ", ".join(f"{k}={v}" for k, v in peft_types.items())
+            raise _error(
+                "target_reference_adapter"
+                if peft_types["target_reference_adapter"] != peft_types["task_adapter"]
+                else "source_reference_adapter",
+                f"the three adapters must have the same PEFT type, got {found}",
+            )
+        self._adamergex_peft_type = peft_types["task_adapter"]
+
+        if not isinstance(pretrained, str):
+            # A model object: HFLM skips _create_model, so build the merged model here.
+            pretrained = self._apply_adamergex(pretrained, tokenizer=kwargs.get("tokenizer"))
+        super().__init__(pretrained=pretrained, **kwargs)
+
+    # ------------------------------------------------------------------ HFLM override point
+    def _create_model(self, pretrained: str, **kwargs: Any) -> None:
+        """Load the base model with HFLM's own loader, then build and apply the AdaMergeX adapter."""
+        kwargs["peft"] = None
+        kwargs["delta"] = None
+        super()._create_model(pretrained, **kwargs)
+        self._model = self._apply_adamergex(self._model, tokenizer=self.tokenizer)
+
+    def _apply_adamergex(self, model: Any, tokenizer: Any = None) -> Any:
+        """Load the three adapters on ``model``, merge them, and return the model to evaluate."""
+        from peft import PeftModel
+
+        from adamergex_peft import merge_crosslingual, merge_crosslingual_into_base
+
+        # As HFLM does before loading a `peft=` adapter: adapters trained with added tokens.
+        config = model.config
+        text_config = getattr(config, "text_config", None)
+        vocab_size = getattr(text_config, "vocab_size", None) or config.vocab_size
+        if tokenizer is not None and not isinstance(tokenizer, str) and vocab_size != len(tokenizer):
+            logger.info("Resizing the embeddings from %d to the tokenizer's %d tokens.", vocab_size, len(tokenizer))
+            model.resize_token_embeddings(len(tokenizer))
+
+        hub_kwargs: dict[str, Any] = {}
+        if self._adapter_revision is not None:
+            hub_kwargs["revision"] = self._adapter_revision
+        order = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
+        first, *others = order
+        logger.info("Loading adapters %s", {k: self._adapter_locations[k] for k in order})
+        peft_model = PeftModel.from_pretrained(
+            model, self._adapter_locations[first], adapter_name=ADAPTER_NAMES[first], **hub_kwargs
+        )
+        for argument in others:
+            peft_model.load_adapter(
+                self._adapter_locations[argument], adapter_name=ADAPTER_NAMES[argument], **hub_kwargs
+            )
+
+        cfg = self._adamergex_config
+        if self._merge_into_base:
+            merge_crosslingual_into_base(peft_model, cfg)
+            logger.info("Merged the AdaMergeX update (t=%s, method=%s) into the base weights.", cfg.t, cfg.method)
+            return peft_model.unload()
+        name = merge_crosslingual(peft_model, cfg, MERGED_ADAPTER_NAME)
+        peft_model.set_adapter(name)
+        for adapter_name in ADAPTER_NAMES.values():
+            peft_model.delete_adapter(adapter_name)
+        logger.info(
+            "Built the AdaMergeX adapter %r (t=%s, method=%s), active on a PeftModel.", name, cfg.t, cfg.method
+        )
+        return peft_model
+
+    def get_model_info(self) -> dict[str, Any]:
+        """HFLM's model info plus the AdaMergeX inputs and settings (written to the results JSON)."""
+        info = super().get_model_info()
+        info["adamergex"] = {
+            "adapters": dict(self._adapter_locations),
+            "adapter_revision": self._adapter_revision,
+            "peft_type": self._adamergex_peft_type,
+            "merge_into_base": self._merge_into_base,
+            "config": self._adamergex_config.to_dict(),
+        }
+        return info

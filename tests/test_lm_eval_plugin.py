@@ -1,0 +1,494 @@
+"""End-to-end tests of ``lm_eval --model adamergex`` (plugins/adamergex_lm_eval), offline.
+
+The plugin is tested the way a user has it: installed from a wheel, so that the start-up hook
+``adamergex_lm_eval.pth`` sits at the root of site-packages. If the interpreter running pytest
+already has such an install (CI: ``pip install ".[test,lm-eval]"``, non-editable), it is used
+directly; otherwise (an editable development install) the session builds a wheel of this checkout
+and installs it, without dependencies, into a throwaway venv made with ``--system-site-packages``
+(a few seconds; building the wheel needs hatchling, from PyPI or already installed).
+
+lm-eval runs in subprocesses (``lm_eval ...``) on a tiny random Llama, a tokenizer trained in the
+test, adapters saved with non-identity weights, and two tiny local tasks (one multiple_choice,
+one generate_until) written to ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_SOURCE = REPO / "plugins"
+HEAVY_MODULES = ("torch", "transformers", "lm_eval", "adamergex_peft", "peft")
+T = 0.7  # the merge coefficient used in the equality tests
+
+
+# --------------------------------------------------------------------------- installation
+def _installed_from_wheel() -> bool:
+    """True if this interpreter has the plugin installed non-editably (hook file in site-packages)."""
+    spec = importlib.util.find_spec("adamergex_lm_eval")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().is_relative_to(REPO):
+        return False
+    site_dirs = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"]]
+    return any(os.path.isfile(os.path.join(d, "adamergex_lm_eval.pth")) for d in site_dirs)
+
+
+_CONSOLE_SCRIPT = """#!{python}
+import sys
+from {module} import {func}
+if __name__ == "__main__":
+    sys.exit({func}())
+"""
+
+
+@pytest.fixture(scope="session")
+def plugin_env(tmp_path_factory) -> dict[str, Path]:
+    """Paths of ``python``, ``lm_eval`` and ``adamergex`` executables with the plugin installed from a wheel."""
+    if _installed_from_wheel():
+        bindir = Path(sys.executable).parent
+        lm_eval = shutil.which("lm_eval", path=str(bindir))
+        adamergex = shutil.which("adamergex", path=str(bindir))
+        assert lm_eval and adamergex, f"lm_eval/adamergex console scripts not found in {bindir}"
+        return {"python": Path(sys.executable), "lm_eval": Path(lm_eval), "adamergex": Path(adamergex)}
+
+    work = tmp_path_factory.mktemp("plugin_install")
+    wheel_dir = work / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(wheel_dir)]
+    if importlib.util.find_spec("hatchling") is not None:
+        build.append("--no-build-isolation")
+    subprocess.run(build, check=True, cwd=work, capture_output=True, text=True)
+    (wheel,) = wheel_dir.glob("adamergex_peft-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    # The lm_eval console script, as pip would write it into an environment that installs lm-eval.
+    lm_eval = venv / "bin" / "lm_eval"
+    lm_eval.write_text(_CONSOLE_SCRIPT.format(python=python, module="lm_eval.__main__", func="cli_evaluate"))
+    lm_eval.chmod(0o755)
+    return {"python": python, "lm_eval": lm_eval, "adamergex": venv / "bin" / "adamergex"}
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ADAMERGEX_LM_EVAL_HOOK")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list, cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+# --------------------------------------------------------------------------- tiny model, adapters, tasks
+TEXT = [
+    "the cat sat on the mat because it was warm",
+    "a dog runs in the park and the man walks",
+    "question: what is two plus two? answer: four",
+    "premise: the man fell. what was the cause? he slipped on the ice",
+    "paka alikaa kwenye mkeka kwa sababu ulikuwa na joto",
+    "mbwa anakimbia kwenye bustani na mtu anatembea",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (hidden 32) and a BPE tokenizer trained on a few lines, in one folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _save_adapter(base_dir: Path, peft_type: str, seed: int, out: Path) -> Path:
+    import torch
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    if peft_type == "lora":
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        )
+    else:
+        config = IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        )
+    peft_model = get_peft_model(model, config)
+    if peft_type == "ia3":  # positive vectors around 1, so the reference ratio is well defined
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "ia3_l" in name:
+                    param.uniform_(0.6, 1.4)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session", params=["lora", "ia3"])
+def adapters(request, tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Task, source-reference and target-reference adapters (non-identity) for the tiny model."""
+    folder = tmp_path_factory.mktemp(f"adapters_{request.param}")
+    return {
+        "peft_type": request.param,
+        "task_adapter": _save_adapter(tiny_model, request.param, 1, folder / "task_en"),
+        "source_reference_adapter": _save_adapter(tiny_model, request.param, 2, folder / "ref_en"),
+        "target_reference_adapter": _save_adapter(tiny_model, request.param, 3, folder / "ref_sw"),
+    }
+
+
+MC_DOCS = [
+    ("the cat sat", "on the mat", "in the park", 0),
+    ("a dog runs", "in the park", "on the mat", 0),
+    ("the man fell", "he slipped", "he sat", 1),
+    ("paka alikaa", "kwenye mkeka", "mbwa anakimbia", 0),
+    ("what is two plus two", "four", "the cat", 0),
+    ("mbwa anakimbia", "kwenye bustani", "kwa sababu", 1),
+]
+GEN_DOCS = [
+    ("what is two plus two?", "four"),
+    ("the cat sat on the", "mat"),
+    ("a dog runs in the", "park"),
+    ("paka alikaa kwenye", "mkeka"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> Path:
+    """A task folder with ``tiny_mc`` (multiple_choice, acc) and ``tiny_gen`` (generate_until, exact_match)."""
+    folder = tmp_path_factory.mktemp("tiny_tasks")
+    mc = [{"premise": p, "choice1": a, "choice2": b, "label": label} for p, a, b, label in MC_DOCS]
+    gen = [{"question": q, "answer": a} for q, a in GEN_DOCS]
+    (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc))
+    (folder / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gen))
+    (folder / "tiny_mc.yaml").write_text(
+        textwrap.dedent(f"""\
+        task: tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files: {folder / "mc.jsonl"}
+        test_split: train
+        output_type: multiple_choice
+        doc_to_text: "{{{{premise}}}} because"
+        doc_to_choice: "{{{{[choice1, choice2]}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+        metadata:
+          version: 1.0
+        """)
+    )
+    (folder / "tiny_gen.yaml").write_text(
+        textwrap.dedent(f"""\
+        task: tiny_gen
+        dataset_path: json
+        dataset_kwargs:
+          data_files: {folder / "gen.jsonl"}
+        test_split: train
+        output_type: generate_until
+        doc_to_text: "question: {{{{question}}}} answer:"
+        doc_to_target: " {{{{answer}}}}"
+        generation_kwargs:
+          until: ["\\n"]
+          max_gen_toks: 6
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+        metadata:
+          version: 1.0
+        """)
+    )
+    return folder
+
+
+def _model_args(**kwargs) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def _lm_eval(
+    plugin_env, tmp_path: Path, model: str, model_args: str, tasks: str, include_path: Path | None, name: str, **env
+) -> dict:
+    """Run ``lm_eval`` in a subprocess; return the results JSON plus ``samples`` (task -> list of records)."""
+    out = tmp_path / f"out_{name}"
+    cmd = [plugin_env["lm_eval"], "--model", model, "--model_args", model_args, "--tasks", tasks]
+    cmd += ["--device", "cpu", "--batch_size", "2", "--output_path", out, "--log_samples"]
+    if include_path is not None:
+        cmd += ["--include_path", include_path]
+    _run(cmd, cwd=tmp_path, env=_env(tmp_path, **env))
+    return _read_results(out)
+
+
+def _read_results(out: Path) -> dict:
+    (results_file,) = glob.glob(str(out / "*" / "results_*.json"))
+    results = json.loads(Path(results_file).read_text())
+    results["samples"] = {}
+    for path in glob.glob(str(out / "*" / "samples_*.jsonl")):
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        task = Path(path).name[len("samples_") :].rsplit("_", 1)[0]  # samples_<task>_<timestamp>.jsonl
+        results["samples"][task] = sorted(records, key=lambda r: r["doc_id"])
+    return results
+
+
+def _scores(results: dict) -> dict:
+    return {
+        task: {k: v for k, v in metrics.items() if not k.endswith("_stderr,none") and k != "alias"}
+        for task, metrics in results["results"].items()
+    }
+
+
+def _responses(results: dict, task: str) -> list:
+    """Per-document model outputs: loglikelihoods for multiple_choice, generated text for generate_until."""
+    return [record["filtered_resps"] for record in results["samples"][task]]
+
+
+# --------------------------------------------------------------------------- start-up cost and registration
+def test_python_start_imports_nothing_heavy(plugin_env, tmp_path):
+    """`python -c pass` with the hook installed imports only the stdlib hook, nothing heavy."""
+    code = "import json, sys; print(json.dumps(sorted(sys.modules)))"
+    proc = _run([plugin_env["python"], "-c", code], cwd=tmp_path, env=_env(tmp_path))
+    modules = set(json.loads(proc.stdout))
+    assert "adamergex_lm_eval._hook" in modules, "the start-up hook is not active: the check below would be vacuous"
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY_MODULES)
+    assert heavy == []
+
+
+def test_registry_keeps_builtins_and_registers_adamergex_lazily(plugin_env, tmp_path):
+    code = textwrap.dedent("""\
+        import json, sys
+        from lm_eval.api.registry import get_model, model_registry  # registry first, as lm_eval's CLI does
+        hf = get_model("hf")  # imports lm_eval.models (registry empty) -> the hook registers adamergex
+        dummy = get_model("dummy")
+        placeholder = dict(model_registry.items())["adamergex"]
+        plugin_loaded_before = "adamergex_lm_eval.model" in sys.modules
+        cls = get_model("adamergex")
+        print(json.dumps({
+            "hf": hf.__name__, "dummy": dummy.__name__, "placeholder": placeholder,
+            "plugin_loaded_before": plugin_loaded_before, "cls": f"{cls.__module__}.{cls.__name__}",
+            "is_hflm": issubclass(cls, hf), "n_models": len(model_registry),
+        }))
+    """)
+    proc = _run([plugin_env["python"], "-c", code], cwd=tmp_path, env=_env(tmp_path))
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["hf"] == "HFLM" and info["dummy"] == "DummyLM"
+    assert info["placeholder"] == "adamergex_lm_eval.model:AdaMergeXLM"
+    assert info["plugin_loaded_before"] is False  # lazy: nothing imported until --model adamergex is asked for
+    assert info["cls"] == "adamergex_lm_eval.model.AdaMergeXLM" and info["is_hflm"]
+    assert info["n_models"] > 30  # every built-in is still there
+
+
+def test_hook_can_be_disabled(plugin_env, tmp_path):
+    code = "import lm_eval.models, json; from lm_eval.api.registry import model_registry; print('adamergex' in model_registry)"
+    proc = _run([plugin_env["python"], "-c", code], cwd=tmp_path, env=_env(tmp_path, ADAMERGEX_LM_EVAL_HOOK="0"))
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_tasks_dir_command(plugin_env, tmp_path):
+    proc = _run([plugin_env["adamergex"], "tasks-dir"], cwd=tmp_path, env=_env(tmp_path))
+    folder = Path(proc.stdout.strip())
+    assert folder.is_dir() and folder.name == "lm_eval_tasks"
+    # The installed copy (wheel), not the source checkout.
+    assert not folder.resolve().is_relative_to(REPO)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*.yaml")) == sorted(
+        p.relative_to(REPO / "lm_eval_tasks") for p in (REPO / "lm_eval_tasks").rglob("*.yaml")
+    )
+
+
+def test_tasks_dir_falls_back_to_source_checkout():
+    import adamergex_peft
+    from adamergex_peft.commands.tasks_dir import find_tasks_dir
+
+    if Path(adamergex_peft.__file__).resolve().is_relative_to(REPO):
+        assert find_tasks_dir() == REPO / "lm_eval_tasks"
+    else:  # running against an installed wheel
+        assert find_tasks_dir() == Path(adamergex_peft.__file__).resolve().parent / "lm_eval_tasks"
+
+
+# --------------------------------------------------------------------------- argument errors
+@pytest.fixture
+def plugin_module(monkeypatch):
+    """The plugin's model module, imported in this process (from the checkout when not installed)."""
+    if importlib.util.find_spec("adamergex_lm_eval") is None:
+        monkeypatch.syspath_prepend(str(PLUGIN_SOURCE))
+    import adamergex_lm_eval.model
+
+    return adamergex_lm_eval.model
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("lora_for_errors")
+    return {
+        "task_adapter": _save_adapter(tiny_model, "lora", 1, folder / "task"),
+        "source_reference_adapter": _save_adapter(tiny_model, "lora", 2, folder / "src"),
+        "target_reference_adapter": _save_adapter(tiny_model, "lora", 3, folder / "tgt"),
+        "ia3": _save_adapter(tiny_model, "ia3", 4, folder / "ia3"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "argument"),
+    [
+        ({"pretrained": None}, "pretrained"),
+        ({"task_adapter": None}, "task_adapter"),
+        ({"source_reference_adapter": ""}, "source_reference_adapter"),
+        ({"target_reference_adapter": None}, "target_reference_adapter"),
+        ({"t": "abc"}, "t"),
+        ({"t": "nan"}, "t"),
+        ({"method": "bogus"}, "method"),
+        ({"lora_strategy": "dense"}, "lora_strategy"),
+        ({"ia3_strategy": "cubic"}, "ia3_strategy"),
+        ({"svd_rank": "x"}, "svd_rank"),
+        ({"svd_rank": 0}, "svd_rank"),
+        ({"arimerge_weights": "0.5"}, "arimerge_weights"),
+        ({"arimerge_weights": "a:b"}, "arimerge_weights"),
+        ({"merge_into_base": "maybe"}, "merge_into_base"),
+        ({"peft": "some/adapter"}, "peft"),
+        ({"delta": "some/delta"}, "delta"),
+        ({"task_adapter": "NOT_A_FOLDER"}, "task_adapter"),
+        ({"target_reference_adapter": "EMPTY_FOLDER"}, "target_reference_adapter"),
+        ({"target_reference_adapter": "IA3"}, "target_reference_adapter"),
+    ],
+)
+def test_argument_errors_are_one_line_and_name_the_argument(
+    plugin_module, tiny_model, lora_adapters, tmp_path, change, argument
+):
+    kwargs = {
+        "pretrained": str(tiny_model),
+        "task_adapter": str(lora_adapters["task_adapter"]),
+        "source_reference_adapter": str(lora_adapters["source_reference_adapter"]),
+        "target_reference_adapter": str(lora_adapters["target_reference_adapter"]),
+        "device": "cpu",
+    }
+    (tmp_path / "empty").mkdir()
+    placeholders = {
+        "NOT_A_FOLDER": str(tmp_path / "no_such_adapter"),
+        "EMPTY_FOLDER": str(tmp_path / "empty"),
+        "IA3": str(lora_adapters["ia3"]),
+    }
+    kwargs.update({k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
+    with pytest.raises(ValueError) as excinfo:
+        plugin_module.AdaMergeXLM(**kwargs)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert message.startswith(f"adamergex model_args: {argument}: "), message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.5:0.5", (0.5, 0.5)), ("0.3:0.7", (0.3, 0.7)), ((1, 0), (1.0, 0.0)), ("1:-1", (1.0, -1.0))],
+)
+def test_parse_arimerge_weights(plugin_module, text, expected):
+    assert plugin_module.parse_arimerge_weights(text) == expected
+
+
+def test_cli_argument_error_names_the_argument(plugin_env, tiny_model, tiny_tasks, tmp_path):
+    """Through the real `lm_eval` command: the error's last line names the missing argument."""
+    cmd = [plugin_env["lm_eval"], "--model", "adamergex", "--model_args", f"pretrained={tiny_model},t=0.5"]
+    cmd += ["--tasks", "tiny_mc", "--include_path", tiny_tasks, "--device", "cpu"]
+    proc = _run(cmd, cwd=tmp_path, env=_env(tmp_path), check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: adamergex model_args: task_adapter: required"), proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="session")
+def base_results(plugin_env, tiny_model, tiny_tasks, tmp_path_factory) -> dict:
+    """`lm_eval --model hf` on the bare base model (also shows built-in models work with the plugin installed)."""
+    tmp = tmp_path_factory.mktemp("run_base")
+    return _lm_eval(plugin_env, tmp, "hf", f"pretrained={tiny_model}", "tiny_mc,tiny_gen", tiny_tasks, "base")
+
+
+def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
+    plugin_env, tiny_model, adapters, tiny_tasks, base_results, tmp_path
+):
+    """`--model adamergex` (merged into the base, or as a PEFT adapter) scores exactly like `--model hf,peft=<merged>`."""
+    from adamergex_peft import AdaMergeXConfig, merge_adapter_files
+
+    task, src, tgt = (adapters[k] for k in ("task_adapter", "source_reference_adapter", "target_reference_adapter"))
+    merged = tmp_path / "merged"
+    cfg = AdaMergeXConfig(
+        task_adapter=str(task), source_reference_adapter=str(src), target_reference_adapter=str(tgt), t=T
+    )
+    merge_adapter_files(task, src, tgt, merged, config=cfg)
+    tasks = "tiny_mc,tiny_gen"
+    common = {"pretrained": tiny_model, "task_adapter": task, "source_reference_adapter": src}
+    common["target_reference_adapter"] = tgt
+
+    via_hf = _lm_eval(plugin_env, tmp_path, "hf", f"pretrained={tiny_model},peft={merged}", tasks, tiny_tasks, "hf")
+    into_base = _lm_eval(plugin_env, tmp_path, "adamergex", _model_args(**common, t=T), tasks, tiny_tasks, "into_base")
+    # merge_into_base=false through the documented fallback launcher, with the start-up hook switched off.
+    as_adapter_out = tmp_path / "out_as_adapter"
+    cmd = [plugin_env["python"], "-m", "adamergex_lm_eval", "--model", "adamergex"]
+    cmd += ["--model_args", _model_args(**common, t=T, merge_into_base="false"), "--tasks", tasks]
+    cmd += ["--include_path", tiny_tasks, "--device", "cpu", "--batch_size", "2"]
+    cmd += ["--output_path", as_adapter_out, "--log_samples"]
+    _run(cmd, cwd=tmp_path, env=_env(tmp_path, ADAMERGEX_LM_EVAL_HOOK="0"))
+    as_adapter = _read_results(as_adapter_out)
+
+    assert _scores(into_base) == _scores(via_hf)
+    assert _scores(as_adapter) == _scores(via_hf)
+    # Same per-document outputs: bit-identical for the same adapter, within float rounding when merged.
+    assert _responses(as_adapter, "tiny_mc") == _responses(via_hf, "tiny_mc")
+    assert _responses(as_adapter, "tiny_gen") == _responses(via_hf, "tiny_gen")
+    assert _responses(into_base, "tiny_gen") == _responses(via_hf, "tiny_gen")
+    ll_hf = [float(x[0]) for doc in _responses(via_hf, "tiny_mc") for x in doc]
+    ll_merged = [float(x[0]) for doc in _responses(into_base, "tiny_mc") for x in doc]
+    assert ll_merged == pytest.approx(ll_hf, rel=1e-4, abs=1e-4)
+    # ... and the merged adapter really changed the model (the comparison above is not vacuous).
+    ll_base = [float(x[0]) for doc in _responses(base_results, "tiny_mc") for x in doc]
+    assert max(abs(a - b) for a, b in zip(ll_base, ll_hf)) > 1e-3
+    # The AdaMergeX settings are recorded in the results JSON.
+    assert into_base["config"]["model"] == "adamergex"
+    assert into_base["config"]["adamergex"]["config"]["t"] == T
+    assert into_base["config"]["adamergex"]["peft_type"] == adapters["peft_type"].upper()
