@@ -203,7 +203,7 @@ def _to_float(number: str) -> float | None:
 
 _CHOICE_PATTERNS = (
     re.compile(r"\(\s*([AB])\s*\)"),
-    re.compile(r"\b(?:option|answer|choice)\s*:?\s*\(?([AB])\b", re.IGNORECASE),
+    re.compile(r"\b(?:option|answer|choice)(?:\s+is)?\s*:?\s*\(?([AB])\b", re.IGNORECASE),
     re.compile(r"^\s*([AB])\s*(?:[.:,)]|$)", re.MULTILINE),
 )
 
