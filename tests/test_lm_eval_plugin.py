@@ -35,13 +35,21 @@ T = 0.7  # the merge coefficient used in the equality tests
 
 
 # --------------------------------------------------------------------------- installation
+def _site_dirs() -> list[str]:
+    return [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"]]
+
+
 def _installed_from_wheel() -> bool:
-    """True if this interpreter has the plugin installed non-editably (hook file in site-packages)."""
+    """True if this interpreter has the plugin installed non-editably: package and hook file in site-packages."""
     spec = importlib.util.find_spec("adamergex_lm_eval")
-    if spec is None or spec.origin is None or Path(spec.origin).resolve().is_relative_to(REPO):
+    if spec is None or spec.origin is None:
         return False
-    site_dirs = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"]]
-    return any(os.path.isfile(os.path.join(d, "adamergex_lm_eval.pth")) for d in site_dirs)
+    site_dir = Path(spec.origin).resolve().parent.parent
+    return any(
+        Path(d).resolve() == site_dir and (site_dir / "adamergex_lm_eval.pth").is_file()
+        for d in _site_dirs()
+        if os.path.isdir(d)
+    )
 
 
 _CONSOLE_SCRIPT = """#!{python}
@@ -333,24 +341,56 @@ def test_hook_can_be_disabled(plugin_env, tmp_path):
 
 
 def test_tasks_dir_command(plugin_env, tmp_path):
+    """`adamergex tasks-dir` prints the task folder shipped inside the installed package."""
     proc = _run([plugin_env["adamergex"], "tasks-dir"], cwd=tmp_path, env=_env(tmp_path))
     folder = Path(proc.stdout.strip())
-    assert folder.is_dir() and folder.name == "lm_eval_tasks"
-    # The installed copy (wheel), not the source checkout.
-    assert not folder.resolve().is_relative_to(REPO)
+    assert folder.name == "lm_eval_tasks" and folder.parent.name == "adamergex_peft"
+    assert (folder.parent.parent / "adamergex_lm_eval.pth").is_file()  # site-packages of the wheel install
+    source = REPO / "lm_eval_tasks"
     assert sorted(p.relative_to(folder) for p in folder.rglob("*.yaml")) == sorted(
-        p.relative_to(REPO / "lm_eval_tasks") for p in (REPO / "lm_eval_tasks").rglob("*.yaml")
+        p.relative_to(source) for p in source.rglob("*.yaml")
     )
+    assert len(list(folder.rglob("adamergex_xcopa_mc_sw.yaml"))) == 1
 
 
 def test_tasks_dir_falls_back_to_source_checkout():
     import adamergex_peft
     from adamergex_peft.commands.tasks_dir import find_tasks_dir
 
-    if Path(adamergex_peft.__file__).resolve().is_relative_to(REPO):
-        assert find_tasks_dir() == REPO / "lm_eval_tasks"
-    else:  # running against an installed wheel
-        assert find_tasks_dir() == Path(adamergex_peft.__file__).resolve().parent / "lm_eval_tasks"
+    package_dir = Path(adamergex_peft.__file__).resolve().parent
+    if (package_dir.parent / "pyproject.toml").is_file():  # a source checkout (editable install)
+        assert find_tasks_dir() == package_dir.parent / "lm_eval_tasks"
+    else:  # an installed wheel
+        assert find_tasks_dir() == package_dir / "lm_eval_tasks"
+
+
+def test_task_manager_indexes_adamergex_tasks_only_with_the_defaults(plugin_env, tmp_path, tiny_tasks):
+    """The hook adds the task folder to TaskManager(include_defaults=True) (what `lm_eval` builds), once."""
+    code = textwrap.dedent(f"""\
+        import json, logging
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger("lm_eval").addHandler(Keep())
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        from adamergex_peft.commands.tasks_dir import find_tasks_dir
+        from lm_eval.tasks import TaskManager
+        tasks_dir = str(find_tasks_dir())
+        with_defaults = TaskManager(include_path=[tasks_dir, "{tiny_tasks}"])  # also passed explicitly: no duplicate
+        without = TaskManager(include_defaults=False, include_path="{tiny_tasks}")
+        print(json.dumps({{
+            "with_defaults": [t for t in ("adamergex_xcopa_mc_sw", "adamergex", "tiny_mc", "hellaswag")
+                              if t in with_defaults.all_tasks],
+            "without": [t for t in ("adamergex_xcopa_mc_sw", "tiny_mc") if t in without.all_tasks],
+            "overrides": [m for m in records if "overrides existing task" in m],
+        }}))
+    """)
+    proc = _run([plugin_env["python"], "-c", code], cwd=tmp_path, env=_env(tmp_path))
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["with_defaults"] == ["adamergex_xcopa_mc_sw", "adamergex", "tiny_mc", "hellaswag"]
+    assert info["without"] == ["tiny_mc"]
+    assert info["overrides"] == []
 
 
 # --------------------------------------------------------------------------- argument errors
@@ -492,3 +532,40 @@ def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
     assert into_base["config"]["model"] == "adamergex"
     assert into_base["config"]["adamergex"]["config"]["t"] == T
     assert into_base["config"]["adamergex"]["peft_type"] == adapters["peft_type"].upper()
+
+
+def test_lm_eval_adamergex_on_a_packaged_task_without_include_path(plugin_env, tiny_model, lora_adapters, tmp_path):
+    """A real adamergex_* task (generation and log-likelihood variants) from local data, no --include_path."""
+    data = tmp_path / "data" / "xcopa" / "sw"
+    data.mkdir(parents=True)
+    docs = [
+        {"premise": "paka alikaa kwenye mkeka", "choice1": "ulikuwa na joto", "choice2": "mbwa anakimbia",
+         "question": "cause", "label": 0, "idx": 0},
+        {"premise": "mbwa anakimbia", "choice1": "kwenye bustani", "choice2": "kwa sababu",
+         "question": "effect", "label": 0, "idx": 1},
+        {"premise": "mtu anatembea", "choice1": "paka alikaa", "choice2": "kwenye bustani",
+         "question": "effect", "label": 1, "idx": 2},
+    ]  # fmt: skip
+    (data / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    args = _model_args(
+        pretrained=tiny_model,
+        task_adapter=lora_adapters["task_adapter"],
+        source_reference_adapter=lora_adapters["source_reference_adapter"],
+        target_reference_adapter=lora_adapters["target_reference_adapter"],
+        t=1,
+    )
+    results = _lm_eval(
+        plugin_env,
+        tmp_path,
+        "adamergex",
+        args,
+        "adamergex_xcopa_sw,adamergex_xcopa_mc_sw",
+        None,
+        "packaged",
+        ADAMERGEX_DATA_DIR=str(tmp_path / "data"),
+    )
+    assert results["results"]["adamergex_xcopa_mc_sw"]["sample_len"] == 3
+    assert results["results"]["adamergex_xcopa_sw"]["sample_len"] == 3
+    prompts = [r["arguments"]["gen_args_0"]["arg_0"] for r in results["samples"]["adamergex_xcopa_mc_sw"]]
+    assert "paka alikaa kwenye mkeka" in prompts[0]
+    assert results["config"]["adamergex"]["config"]["t"] == 1.0
