@@ -552,6 +552,9 @@ def test_lm_eval_cli_runs_tasks_from_include_path(data_dir, tmp_path):
     proc = _lm_eval(
         "--model",
         "dummy",
+        # lm-eval hands model_args to every task's custom_dataset as metadata: must not break loading.
+        "--model_args",
+        "pretrained=unused,t=1,dtype=float32",
         "--tasks",
         "adamergex_xcopa_sw,adamergex_xnli_mc_de",
         "--include_path",
