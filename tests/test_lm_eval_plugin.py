@@ -60,14 +60,24 @@ if __name__ == "__main__":
 """
 
 
+def _write_console_script(bindir: Path, python: Path) -> Path:
+    """The ``lm_eval`` console script, as pip writes it into an environment that installs lm-eval."""
+    script = bindir / "lm_eval"
+    script.write_text(_CONSOLE_SCRIPT.format(python=python, module="lm_eval.__main__", func="cli_evaluate"))
+    script.chmod(0o755)
+    return script
+
+
 @pytest.fixture(scope="session")
 def plugin_env(tmp_path_factory) -> dict[str, Path]:
     """Paths of ``python``, ``lm_eval`` and ``adamergex`` executables with the plugin installed from a wheel."""
     if _installed_from_wheel():
         bindir = Path(sys.executable).parent
-        lm_eval = shutil.which("lm_eval", path=str(bindir))
         adamergex = shutil.which("adamergex", path=str(bindir))
-        assert lm_eval and adamergex, f"lm_eval/adamergex console scripts not found in {bindir}"
+        assert adamergex, f"the adamergex console script is not in {bindir}"
+        lm_eval = shutil.which("lm_eval", path=str(bindir))
+        if lm_eval is None:  # lm-eval comes from a parent environment (venv with --system-site-packages)
+            lm_eval = _write_console_script(tmp_path_factory.mktemp("bin"), Path(sys.executable))
         return {"python": Path(sys.executable), "lm_eval": Path(lm_eval), "adamergex": Path(adamergex)}
 
     work = tmp_path_factory.mktemp("plugin_install")
@@ -86,10 +96,7 @@ def plugin_env(tmp_path_factory) -> dict[str, Path]:
         capture_output=True,
         text=True,
     )
-    # The lm_eval console script, as pip would write it into an environment that installs lm-eval.
-    lm_eval = venv / "bin" / "lm_eval"
-    lm_eval.write_text(_CONSOLE_SCRIPT.format(python=python, module="lm_eval.__main__", func="cli_evaluate"))
-    lm_eval.chmod(0o755)
+    lm_eval = _write_console_script(venv / "bin", python)
     return {"python": python, "lm_eval": lm_eval, "adamergex": venv / "bin" / "adamergex"}
 
 
