@@ -576,3 +576,31 @@ def test_lm_eval_adamergex_on_a_packaged_task_without_include_path(plugin_env, t
     prompts = [r["arguments"]["gen_args_0"]["arg_0"] for r in results["samples"]["adamergex_xcopa_mc_sw"]]
     assert "paka alikaa kwenye mkeka" in prompts[0]
     assert results["config"]["adamergex"]["config"]["t"] == 1.0
+
+
+@pytest.mark.slow
+def test_two_process_launch(plugin_env, tiny_model, lora_adapters, tiny_tasks, tmp_path):
+    """`lm_eval --model adamergex` under a 2-process distributed launch (torchrun, as `accelerate launch` uses).
+
+    On CPU, HFLM does not shard the data (its data parallelism needs more than one GPU): every
+    process evaluates everything. This checks that the adapters are loaded and merged in each
+    process and that the scores equal a single-process run; the GPU sharding itself is HFLM's.
+    """
+    args = _model_args(
+        pretrained=tiny_model,
+        task_adapter=lora_adapters["task_adapter"],
+        source_reference_adapter=lora_adapters["source_reference_adapter"],
+        target_reference_adapter=lora_adapters["target_reference_adapter"],
+        t=T,
+    )
+    single = _lm_eval(plugin_env, tmp_path, "adamergex", args, "tiny_mc", tiny_tasks, "single")
+    out = tmp_path / "out_two"
+    cmd = [plugin_env["python"], "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    cmd += ["-m", "lm_eval", "--model", "adamergex", "--model_args", args, "--tasks", "tiny_mc"]
+    cmd += ["--include_path", tiny_tasks, "--batch_size", "2", "--output_path", out]
+    proc = _run(cmd, cwd=tmp_path, env=_env(tmp_path))
+    assert proc.stderr.count("Merged the AdaMergeX update") == 2  # one merge per process
+    results_files = glob.glob(str(out / "*" / "results_*.json"))
+    assert results_files
+    for path in results_files:
+        assert _scores(json.loads(Path(path).read_text())) == _scores(single)

@@ -27,7 +27,8 @@ import lm_eval.models  # noqa: F401  (register the built-in models before ours, 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-logger = logging.getLogger(__name__)
+# Under lm-eval's logger hierarchy, so lm-eval's handler and level (LMEVAL_LOG_LEVEL) apply to these messages.
+logger = logging.getLogger("lm_eval.models.adamergex")
 
 MODEL_NAME = "adamergex"
 
