@@ -604,3 +604,45 @@ def test_two_process_launch(plugin_env, tiny_model, lora_adapters, tiny_tasks, t
     assert results_files
     for path in results_files:
         assert _scores(json.loads(Path(path).read_text())) == _scores(single)
+
+
+@pytest.mark.parametrize("merge_into_base", [True, False])
+def test_model_object_and_merge_modes_in_process(plugin_module, tiny_model, lora_adapters, tmp_path, merge_into_base):
+    """`pretrained` may be a model object; merge_into_base picks a plain model or a PeftModel with one adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from adamergex_peft import AdaMergeXConfig, merge_adapter_files
+
+    names = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
+    task, src, tgt = (lora_adapters[k] for k in names)
+    cfg = AdaMergeXConfig(
+        task_adapter=str(task), source_reference_adapter=str(src), target_reference_adapter=str(tgt), t=T
+    )
+    merged = merge_adapter_files(task, src, tgt, tmp_path / "merged", config=cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lm = plugin_module.AdaMergeXLM(
+        pretrained=LlamaForCausalLM.from_pretrained(tiny_model),
+        tokenizer=tokenizer,
+        task_adapter=str(task),
+        source_reference_adapter=str(src),
+        target_reference_adapter=str(tgt),
+        t=T,
+        merge_into_base=merge_into_base,
+        batch_size=1,
+    )
+    if merge_into_base:
+        assert type(lm.model) is LlamaForCausalLM  # PEFT unloaded: base-model speed
+    else:
+        assert isinstance(lm.model, PeftModel)
+        assert list(lm.model.peft_config) == [plugin_module.MERGED_ADAPTER_NAME]  # the three inputs are deleted
+        assert lm.model.active_adapters == [plugin_module.MERGED_ADAPTER_NAME]
+    reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model), merged).eval()
+    ids = tokenizer("paka alikaa kwenye mkeka because the cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = lm.model(ids).logits
+        base = LlamaForCausalLM.from_pretrained(tiny_model)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert (base - expected).abs().max() > 1e-3
