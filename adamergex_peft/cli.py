@@ -19,7 +19,14 @@ import sys
 from collections.abc import Sequence
 
 # Sub-command modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("adamergex_peft.commands.merge", "adamergex_peft.commands.tasks_dir")
+COMMANDS: tuple[str, ...] = (
+    "adamergex_peft.commands.merge",
+    "adamergex_peft.commands.build_reference_data",
+    "adamergex_peft.commands.train",
+    "adamergex_peft.commands.sweep",
+    "adamergex_peft.commands.demo",
+    "adamergex_peft.commands.tasks_dir",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

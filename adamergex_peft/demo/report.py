@@ -1,0 +1,139 @@
+"""The demo's outputs: one table (text), the raw numbers (JSON) and a chart (PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from adamergex_peft.demo.pipeline import DemoResult
+
+FAMILY_LABELS = {"lora": "LoRA", "ia3": "(IA)^3"}
+
+
+def gap_share(score: float, task_only: float, oracle: float) -> float | None:
+    """Share of the task_only-to-oracle gap that ``score`` closes; ``None`` if there is no gap."""
+    gap = oracle - task_only
+    if gap <= 1e-9:
+        return None
+    return (score - task_only) / gap
+
+
+def table_rows(result: DemoResult) -> list[dict[str, Any]]:
+    """One row per (family, method): per-language accuracy, mean, and the gap share on the mean."""
+    rows = []
+    for family, table in result.scores.items():
+        means = {method: sum(v.values()) / len(v) for method, v in table.items()}
+        for method, per_lang in table.items():
+            share = gap_share(means[method], means["task_only"], means["oracle"])
+            rows.append(
+                {
+                    "family": family,
+                    "method": method,
+                    "scores": dict(per_lang),
+                    "mean": means[method],
+                    "gap_closed": share,
+                }
+            )
+    return rows
+
+
+def format_table(result: DemoResult) -> str:
+    """The table as fixed-width text (what ``adamergex demo`` prints)."""
+    targets = result.targets
+    header = ["adapter", "method", *targets, "mean", "gap closed"]
+    lines = []
+    body = []
+    for row in table_rows(result):
+        share = row["gap_closed"]
+        share_text = "" if row["method"] in ("task_only", "oracle") else ("n/a" if share is None else f"{share:+.0%}")
+        body.append(
+            [
+                FAMILY_LABELS.get(row["family"], row["family"]),
+                row["method"],
+                *[f"{100 * row['scores'][lang]:.1f}" for lang in targets],
+                f"{100 * row['mean']:.1f}",
+                share_text,
+            ]
+        )
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+
+    def fmt(cells: list[str]) -> str:
+        first = [str(c).ljust(w) for c, w in zip(cells[:2], widths[:2])]
+        rest = [str(c).rjust(w) for c, w in zip(cells[2:], widths[2:])]
+        return "  ".join(first + rest)
+
+    lines.append(fmt(header))
+    lines.append("  ".join("-" * w for w in widths))
+    previous = None
+    for cells in body:
+        if previous is not None and cells[0] != previous:
+            lines.append("")
+        previous = cells[0]
+        lines.append(fmt(cells))
+    t = result.settings.get("t")
+    notes = [
+        f"Accuracy (%) on the target-language test sets (lm-eval, multiple choice, chance = {100 / 4:.0f}%); merges at t={t:g}.",
+        "gap closed = (mean - task_only) / (oracle - task_only): 0% = no better than the source task adapter, "
+        "100% = as good as an adapter trained on target-language labels.",
+        "Source-language accuracy of the task adapter: "
+        + ", ".join(f"{FAMILY_LABELS.get(f, f)} {100 * s:.1f}%" for f, s in result.source_scores.items())
+        + f" ({result.source}).",
+    ]
+    return "\n".join(lines + [""] + notes)
+
+
+def chart_png(result: DemoResult) -> bytes:
+    """Grouped bars: accuracy per method and target language, one panel per adapter family."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    families = list(result.scores)
+    fig = Figure(figsize=(5.5 * len(families), 4.2), dpi=100)
+    axes = fig.subplots(1, len(families), squeeze=False)[0]
+    for ax, family in zip(axes, families):
+        table = result.scores[family]
+        methods = list(table)
+        width = 0.8 / max(1, len(result.targets))
+        for j, lang in enumerate(result.targets):
+            xs = [i + (j - (len(result.targets) - 1) / 2) * width for i in range(len(methods))]
+            ax.bar(xs, [100 * table[m][lang] for m in methods], width=width, label=lang)
+        ax.axhline(25, color="grey", linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([m.replace(" (no adapter)", "") for m in methods], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{FAMILY_LABELS.get(family, family)}: target-language accuracy")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_outputs(result: DemoResult, output: Path) -> dict[str, Path]:
+    """Write ``demo_results.json``, ``demo_table.txt`` and ``demo_results.png`` atomically."""
+    from adamergex_peft.demo.pipeline import CHART_PNG, RESULTS_JSON, TABLE_TXT
+    from adamergex_peft.sweep import _atomic_write_bytes, _atomic_write_text
+
+    paths = {"json": output / RESULTS_JSON, "table": output / TABLE_TXT, "png": output / CHART_PNG}
+    _atomic_write_text(json.dumps(_clean(result.to_dict()), indent=2) + "\n", paths["json"])
+    _atomic_write_text(format_table(result) + "\n", paths["table"])
+    _atomic_write_bytes(chart_png(result), paths["png"])
+    return paths
