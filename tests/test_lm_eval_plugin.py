@@ -24,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -271,14 +272,26 @@ def _model_args(**kwargs) -> str:
 
 
 def _lm_eval(
-    plugin_env, tmp_path: Path, model: str, model_args: str, tasks: str, include_path: Path | None, name: str, **env
+    plugin_env,
+    tmp_path: Path,
+    model: str,
+    model_args: str,
+    tasks: str,
+    include_path: Path | None,
+    name: str,
+    launcher: list | None = None,
+    **env,
 ) -> dict:
-    """Run ``lm_eval`` in a subprocess; return the results JSON plus ``samples`` (task -> list of records)."""
+    """Run ``lm_eval`` in a subprocess; return the results JSON plus ``samples`` (task -> list of records).
+
+    ``launcher`` replaces the ``lm_eval`` command (e.g. ``[python, "-m", "adamergex_lm_eval"]``).
+    """
     out = tmp_path / f"out_{name}"
-    cmd = [plugin_env["lm_eval"], "--model", model, "--model_args", model_args, "--tasks", tasks]
+    cmd = [*(launcher or [plugin_env["lm_eval"]]), "--model", model, "--model_args", model_args, "--tasks", tasks]
     cmd += ["--device", "cpu", "--batch_size", "2", "--output_path", out, "--log_samples"]
     if include_path is not None:
         cmd += ["--include_path", include_path]
+    env.setdefault("HF_DATASETS_CACHE", str(tmp_path / f"hf_datasets_cache_{name}"))
     _run(cmd, cwd=tmp_path, env=_env(tmp_path, **env))
     return _read_results(out)
 
@@ -512,16 +525,23 @@ def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
     common = {"pretrained": tiny_model, "task_adapter": task, "source_reference_adapter": src}
     common["target_reference_adapter"] = tgt
 
-    via_hf = _lm_eval(plugin_env, tmp_path, "hf", f"pretrained={tiny_model},peft={merged}", tasks, tiny_tasks, "hf")
-    into_base = _lm_eval(plugin_env, tmp_path, "adamergex", _model_args(**common, t=T), tasks, tiny_tasks, "into_base")
-    # merge_into_base=false through the documented fallback launcher, with the start-up hook switched off.
-    as_adapter_out = tmp_path / "out_as_adapter"
-    cmd = [plugin_env["python"], "-m", "adamergex_lm_eval", "--model", "adamergex"]
-    cmd += ["--model_args", _model_args(**common, t=T, merge_into_base="false"), "--tasks", tasks]
-    cmd += ["--include_path", tiny_tasks, "--device", "cpu", "--batch_size", "2"]
-    cmd += ["--output_path", as_adapter_out, "--log_samples"]
-    _run(cmd, cwd=tmp_path, env=_env(tmp_path, ADAMERGEX_LM_EVAL_HOOK="0"))
-    as_adapter = _read_results(as_adapter_out)
+    runs = {
+        "via_hf": dict(model="hf", model_args=f"pretrained={tiny_model},peft={merged}"),
+        "into_base": dict(model="adamergex", model_args=_model_args(**common, t=T)),
+        # merge_into_base=false through the documented fallback launcher, with the start-up hook switched off.
+        "as_adapter": dict(
+            model="adamergex",
+            model_args=_model_args(**common, t=T, merge_into_base="false"),
+            launcher=[plugin_env["python"], "-m", "adamergex_lm_eval"],
+            ADAMERGEX_LM_EVAL_HOOK="0",
+        ),
+    }
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # independent subprocesses: run them side by side
+        futures = {
+            name: pool.submit(_lm_eval, plugin_env, tmp_path, tasks=tasks, include_path=tiny_tasks, name=name, **kw)
+            for name, kw in runs.items()
+        }
+        via_hf, into_base, as_adapter = (futures[name].result() for name in runs)
 
     assert _scores(into_base) == _scores(via_hf)
     assert _scores(as_adapter) == _scores(via_hf)
