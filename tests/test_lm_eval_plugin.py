@@ -457,6 +457,8 @@ def lora_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
         ({"task_adapter": "NOT_A_FOLDER"}, "task_adapter"),
         ({"target_reference_adapter": "EMPTY_FOLDER"}, "target_reference_adapter"),
         ({"target_reference_adapter": "IA3"}, "target_reference_adapter"),
+        ({"target_reference_adapter": "SOURCE"}, "target_reference_adapter"),
+        ({"task_adapter": "SOURCE"}, "task_adapter"),
     ],
 )
 def test_argument_errors_are_one_line_and_name_the_argument(
@@ -474,6 +476,7 @@ def test_argument_errors_are_one_line_and_name_the_argument(
         "NOT_A_FOLDER": str(tmp_path / "no_such_adapter"),
         "EMPTY_FOLDER": str(tmp_path / "empty"),
         "IA3": str(lora_adapters["ia3"]),
+        "SOURCE": str(lora_adapters["source_reference_adapter"]) + "/",
     }
     kwargs.update({k: placeholders.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
     with pytest.raises(ValueError) as excinfo:

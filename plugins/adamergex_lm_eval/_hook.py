@@ -14,7 +14,7 @@ The finder waits for two lm-eval modules to finish executing:
   ``"adamergex"`` is then registered the same way, as the lazy placeholder
   ``"adamergex_lm_eval.model:AdaMergeXLM"``. Nothing is imported until ``--model adamergex`` is
   actually requested, and the built-in models stay visible.
-* ``lm_eval.tasks.manager``: :class:`~lm_eval.tasks.TaskManager` is wrapped so that a manager
+* ``lm_eval.tasks``: :class:`~lm_eval.tasks.TaskManager` is wrapped so that a manager
   that indexes lm-eval's built-in tasks (``include_defaults=True``, what the ``lm_eval`` CLI
   does) also indexes the installed ``adamergex_*`` task folder, placed before any
   ``--include_path`` so a user's own folders still take precedence. A manager built with
@@ -39,7 +39,7 @@ MODEL_TARGET = "adamergex_lm_eval.model:AdaMergeXLM"
 DISABLE_ENV = "ADAMERGEX_LM_EVAL_HOOK"
 
 _MODELS_MODULE = "lm_eval.models"
-_TASKS_MODULE = "lm_eval.tasks.manager"
+_TASKS_MODULE = "lm_eval.tasks"  # whose TaskManager is lm_eval.tasks.manager.TaskManager in 0.4.13
 
 
 def register_model() -> None:
@@ -49,8 +49,15 @@ def register_model() -> None:
     hidden); :mod:`lm_eval.models` is imported here if needed. Idempotent.
     """
     import lm_eval.models  # noqa: F401  (fills the registry with the built-ins first)
-    from lm_eval.api.registry import model_registry
 
+    try:
+        from lm_eval.api.registry import model_registry
+    except ImportError:
+        # lm-eval < 0.4.10: the registry is a plain dict and lm_eval.models has already imported every
+        # built-in model (torch included), so importing ours now costs little; it registers itself.
+        import adamergex_lm_eval.model  # noqa: F401
+
+        return
     if MODEL_NAME not in model_registry:
         model_registry.register(MODEL_NAME, target=MODEL_TARGET)
 
@@ -70,7 +77,7 @@ def patch_task_manager() -> None:
     import inspect
     from pathlib import Path
 
-    from lm_eval.tasks.manager import TaskManager
+    from lm_eval.tasks import TaskManager
 
     original = TaskManager.__init__
     if getattr(original, "_adamergex_patched", False):

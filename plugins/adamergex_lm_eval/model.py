@@ -219,11 +219,20 @@ class AdaMergeXLM(HFLM):
                 raise _error(field_name, rest) from None
             raise ValueError(f"adamergex model_args: {message}") from None
         self._adapter_locations = {k: v.strip() for k, v in locations.items()}
+        same = {os.path.realpath(v) if os.path.isdir(v) else v for v in self._adapter_locations.values()}
+        if len(same) != len(self._adapter_locations):
+            source, target = (
+                self._adapter_locations[k] for k in ("source_reference_adapter", "target_reference_adapter")
+            )
+            argument = (
+                "target_reference_adapter" if os.path.realpath(source) == os.path.realpath(target) else "task_adapter"
+            )
+            raise _error(argument, "the three adapters must be different (the same adapter is given twice)")
         self._adapter_revision = adapter_revision
         self._merge_into_base = _parse_bool("merge_into_base", merge_into_base)
 
         # Fail fast, before the (possibly large) base model is loaded.
-        token = kwargs.get("token")
+        token = self._hub_token = kwargs.get("token")
         peft_types = {
             argument: _check_adapter(argument, location, adapter_revision, token)
             for argument, location in self._adapter_locations.items()
@@ -268,6 +277,8 @@ class AdaMergeXLM(HFLM):
         hub_kwargs: dict[str, Any] = {}
         if self._adapter_revision is not None:
             hub_kwargs["revision"] = self._adapter_revision
+        if self._hub_token is not None:
+            hub_kwargs["token"] = self._hub_token
         order = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
         first, *others = order
         logger.info("Loading adapters %s", {k: self._adapter_locations[k] for k in order})
