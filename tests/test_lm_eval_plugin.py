@@ -515,26 +515,30 @@ def base_results(plugin_env, tiny_model, tiny_tasks, tmp_path_factory) -> dict:
 def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
     plugin_env, tiny_model, adapters, tiny_tasks, base_results, tmp_path
 ):
-    """`--model adamergex` (merged into the base, or as a PEFT adapter) scores exactly like `--model hf,peft=<merged>`."""
-    from adamergex_peft import AdaMergeXConfig, merge_adapter_files
+    """`--model adamergex` (merged into the base, or as a PEFT adapter) scores exactly like `--model hf,peft=<merged>`.
 
+    The merged adapter is written by the installed `adamergex merge` with the same settings
+    (LoRA: the defaults; (IA)^3: the non-default ia3_strategy=power, passed through model_args).
+    """
     task, src, tgt = (adapters[k] for k in ("task_adapter", "source_reference_adapter", "target_reference_adapter"))
+    settings = {"ia3_strategy": "power"} if adapters["peft_type"] == "ia3" else {}
     merged = tmp_path / "merged"
-    cfg = AdaMergeXConfig(
-        task_adapter=str(task), source_reference_adapter=str(src), target_reference_adapter=str(tgt), t=T
-    )
-    merge_adapter_files(task, src, tgt, merged, config=cfg)
+    cmd = [plugin_env["adamergex"], "merge", "--task", task, "--source-reference", src, "--target-reference", tgt]
+    cmd += ["--output", merged, "--t", str(T)]
+    for key, value in settings.items():
+        cmd += [f"--{key.replace('_', '-')}", value]
+    _run(cmd, cwd=tmp_path, env=_env(tmp_path))
     tasks = "tiny_mc,tiny_gen"
     common = {"pretrained": tiny_model, "task_adapter": task, "source_reference_adapter": src}
-    common["target_reference_adapter"] = tgt
+    common.update(target_reference_adapter=tgt, t=T, **settings)
 
     runs = {
         "via_hf": dict(model="hf", model_args=f"pretrained={tiny_model},peft={merged}"),
-        "into_base": dict(model="adamergex", model_args=_model_args(**common, t=T)),
+        "into_base": dict(model="adamergex", model_args=_model_args(**common)),
         # merge_into_base=false through the documented fallback launcher, with the start-up hook switched off.
         "as_adapter": dict(
             model="adamergex",
-            model_args=_model_args(**common, t=T, merge_into_base="false"),
+            model_args=_model_args(**common, merge_into_base="false"),
             launcher=[plugin_env["python"], "-m", "adamergex_lm_eval"],
             ADAMERGEX_LM_EVAL_HOOK="0",
         ),
@@ -561,6 +565,7 @@ def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
     # The AdaMergeX settings are recorded in the results JSON.
     assert into_base["config"]["model"] == "adamergex"
     assert into_base["config"]["adamergex"]["config"]["t"] == T
+    assert into_base["config"]["adamergex"]["config"]["ia3_strategy"] == settings.get("ia3_strategy", "linear")
     assert into_base["config"]["adamergex"]["peft_type"] == adapters["peft_type"].upper()
 
 
