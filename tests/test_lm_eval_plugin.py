@@ -386,24 +386,25 @@ def test_tasks_dir_falls_back_to_source_checkout():
 
 def test_task_manager_indexes_adamergex_tasks_only_with_the_defaults(plugin_env, tmp_path, tiny_tasks):
     """The hook adds the task folder to TaskManager(include_defaults=True) (what `lm_eval` builds), once."""
+    tasks_dir = _run([plugin_env["adamergex"], "tasks-dir"], cwd=tmp_path, env=_env(tmp_path)).stdout.strip()
     code = textwrap.dedent(f"""\
-        import json, logging
+        import json, logging, sys
         records = []
         class Keep(logging.Handler):
             def emit(self, record):
                 records.append(record.getMessage())
         logging.getLogger("lm_eval").addHandler(Keep())
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        from adamergex_peft.commands.tasks_dir import find_tasks_dir
         from lm_eval.tasks import TaskManager
-        tasks_dir = str(find_tasks_dir())
-        with_defaults = TaskManager(include_path=[tasks_dir, "{tiny_tasks}"])  # also passed explicitly: no duplicate
+        # The folder is also passed explicitly (the documented --include_path route): no duplicate.
+        with_defaults = TaskManager(include_path=["{tasks_dir}", "{tiny_tasks}"])
         without = TaskManager(include_defaults=False, include_path="{tiny_tasks}")
         print(json.dumps({{
             "with_defaults": [t for t in ("adamergex_xcopa_mc_sw", "adamergex", "tiny_mc", "hellaswag")
                               if t in with_defaults.all_tasks],
             "without": [t for t in ("adamergex_xcopa_mc_sw", "tiny_mc") if t in without.all_tasks],
             "overrides": [m for m in records if "overrides existing task" in m],
+            "adamergex_peft_imported": "adamergex_peft" in sys.modules,
         }}))
     """)
     proc = _run([plugin_env["python"], "-c", code], cwd=tmp_path, env=_env(tmp_path))
@@ -411,6 +412,7 @@ def test_task_manager_indexes_adamergex_tasks_only_with_the_defaults(plugin_env,
     assert info["with_defaults"] == ["adamergex_xcopa_mc_sw", "adamergex", "tiny_mc", "hellaswag"]
     assert info["without"] == ["tiny_mc"]
     assert info["overrides"] == []
+    assert info["adamergex_peft_imported"] is False  # the hook finds the folder without running the library
 
 
 # --------------------------------------------------------------------------- argument errors

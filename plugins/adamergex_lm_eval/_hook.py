@@ -63,12 +63,24 @@ def register_model() -> None:
 
 
 def _tasks_dir() -> str | None:
-    from adamergex_peft.commands.tasks_dir import find_tasks_dir
+    """The folder ``adamergex tasks-dir`` prints, found without importing adamergex_peft.
 
-    try:
-        return str(find_tasks_dir())
-    except OSError:
+    Same rule as :func:`adamergex_peft.commands.tasks_dir.find_tasks_dir` (inside the installed
+    package, else ``<checkout>/lm_eval_tasks``), so that a ``--model hf`` run does not execute
+    adamergex_peft at all.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("adamergex_peft")
+    if spec is None or not spec.submodule_search_locations:
         return None
+    for location in spec.submodule_search_locations:
+        package_dir = Path(location).resolve()
+        for candidate in (package_dir / "lm_eval_tasks", package_dir.parent / "lm_eval_tasks"):
+            if candidate.is_dir():
+                return str(candidate)
+    return None
 
 
 def patch_task_manager() -> None:
