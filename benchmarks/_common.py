@@ -274,6 +274,8 @@ class PeakRSS:
 
 def run_child(script: Path, args: list[str], timeout: float = 600) -> dict:
     """Run ``python script --child ... args`` and return the JSON it prints on a ``CHILD {...}`` line."""
+    if THREADS:
+        args = [*args, "--threads", str(THREADS)]
     proc = subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
@@ -327,10 +329,139 @@ def print_result(payload: dict) -> None:
 def add_common_args(parser, reps: int = 5) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller size (for a smoke run)")
     parser.add_argument("--reps", type=int, default=reps, help=f"timed repetitions after one warm-up (default {reps})")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads here and in child processes (default: torch's default, one per core)",
+    )
     parser.add_argument("--child", default=None, help=argparse_suppress())
+
+
+#: Thread count given with --threads, passed on to child processes and CLI subprocesses.
+THREADS: int | None = None
+
+
+def apply_threads(args) -> None:
+    """Apply ``--threads`` (torch.set_num_threads) and remember it for child processes."""
+    global THREADS
+    THREADS = getattr(args, "threads", None)
+    if THREADS:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        os.environ["OMP_NUM_THREADS"] = str(THREADS)  # inherited by subprocesses (CLI runs)
 
 
 def argparse_suppress():
     import argparse
 
     return argparse.SUPPRESS
+
+
+# -------------------------------------------------------------------------- lm-eval fixtures (5, 6)
+EVAL_WORDS = (
+    "the cat sat on mat because it was warm a dog runs in park and man walks question what is two plus "
+    "answer four premise fell cause he slipped ice paka alikaa kwenye mkeka kwa sababu ulikuwa na joto mbwa "
+    "anakimbia bustani mtu anatembea"
+).split()
+
+
+def build_eval_fixture(root: Path, n_docs: int = 200, hidden: int = 512, layers: int = 8) -> dict[str, Path]:
+    """A random Llama (~30M parameters with the defaults) + local BPE tokenizer, three LoRA adapters
+    (r=8, alpha=16, q,k,v,o,gate,up,down, random non-zero B), the AdaMergeX-merged adapter (t=1, exact)
+    and a local multiple-choice task ``bench_mc`` (``n_docs`` documents, metric acc). Offline."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from adamergex_peft import merge_adapter_files
+
+    root = Path(root)
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(EVAL_WORDS) for _ in range(rng.randint(4, 12))) for _ in range(400)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    base = root / "base"
+    model.save_pretrained(base)
+    fast.save_pretrained(base)
+
+    import json
+    import textwrap
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LORA_MODULES), task_type="CAUSAL_LM")
+    dirs = {}
+    for role, seed in (("T", 1), ("Rs", 2), ("Rg", 3)):
+        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base), lora)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+        dirs[role] = root / f"adapter_{role}"
+        peft_model.save_pretrained(dirs[role])
+    merged = merge_adapter_files(dirs["T"], dirs["Rs"], dirs["Rg"], root / "merged")
+
+    tasks = root / "tasks"
+    tasks.mkdir()
+    docs = []
+    for _ in range(n_docs):
+        premise, a, b = (" ".join(rng.choice(EVAL_WORDS) for _ in range(rng.randint(n, n + 4))) for n in (6, 2, 2))
+        docs.append({"premise": premise, "choice1": a, "choice2": b, "label": rng.randint(0, 1)})
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "bench_mc.yaml").write_text(
+        textwrap.dedent(f"""\
+        task: bench_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files: {tasks / "mc.jsonl"}
+        test_split: train
+        output_type: multiple_choice
+        doc_to_text: "{{{{premise}}}} because"
+        doc_to_choice: "{{{{[choice1, choice2]}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+        metadata:
+          version: 1.0
+        """)
+    )
+    return {"base": base, **dirs, "merged": merged, "tasks": tasks, "n_params": n_params}
+
+
+def plugin_launcher() -> tuple[list[str], dict[str, str]]:
+    """Command prefix running lm-eval's CLI with ``--model adamergex`` registered, and its environment.
+
+    ``lm_eval`` itself when the plugin is installed (its start-up hook registers the model), else the
+    plugin's documented fallback ``python -m adamergex_lm_eval`` with ``plugins/`` on ``PYTHONPATH``.
+    """
+    import importlib.util
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if importlib.util.find_spec("adamergex_lm_eval") is None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "plugins"), env.get("PYTHONPATH")]))
+    return [sys.executable, "-m", "adamergex_lm_eval"], env

@@ -116,7 +116,9 @@ def phase_breakdown(dirs: dict[str, Path], out: Path, reps: int) -> dict[str, fl
             sha256_file(dirs[r] / "adapter_model.safetensors")
         stamps.append(time.perf_counter())
         (out.parent / "phases").mkdir(exist_ok=True)
-        save_file(result.state_dict, str(out.parent / "phases" / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            result.state_dict, str(out.parent / "phases" / "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
         stamps.append(time.perf_counter())
         if i == 0:
             continue  # warm-up
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    C.apply_threads(args)
     args.layers = args.layers or (4 if args.quick else C.N_LAYERS_7B)
     if args.child:
         child(args)

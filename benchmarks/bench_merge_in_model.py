@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    C.apply_threads(args)
     args.layers = args.layers or (4 if args.quick else C.N_LAYERS_7B)
     if args.child:
         child(args)
@@ -154,18 +155,29 @@ def main() -> None:
             times, mem, cuda = {}, {}, {}
             for case in CASES:
                 fn = operation(case, model)
-                times[case] = C.time_reps(lambda fn=fn: (fn(), synchronize()), args.reps, setup=lambda: drop_merged(model))
+                times[case] = C.time_reps(
+                    lambda fn=fn: (fn(), synchronize()), args.reps, setup=lambda m=model: drop_merged(m)
+                )
                 if case == "ours_exact":
                     out_bytes = sum(
                         p.numel() * p.element_size() for n, p in model.named_parameters() if ".merged." in n
                     )
                 drop_merged(model)
-            del model
+            model = None
             C.trim_heap()
             for case in CASES:
                 probe = C.run_child(
                     Path(__file__),
-                    ["--child", case, "--dir", str(root / dtype_name), "--dtype", dtype_name, "--layers", str(args.layers)],
+                    [
+                        "--child",
+                        case,
+                        "--dir",
+                        str(root / dtype_name),
+                        "--dtype",
+                        dtype_name,
+                        "--layers",
+                        str(args.layers),
+                    ],
                 )
                 mem[case], cuda[case] = probe["extra"], probe["cuda_extra"]
             med = {k: C.median(v) for k, v in times.items()}
@@ -211,8 +223,9 @@ def one_module_svd(root: Path, args) -> dict:
     """PEFT svd vs ours svd on one q_proj-shaped (4096 x 4096) module, fp32."""
     dirs = prepare(root / "one_module", 1, "fp32", modules=("q_proj",))
     model = build_model(dirs, 1, "fp32")
-    ours = C.time_reps(lambda: (operation("ours_svd", model)(), synchronize()), args.reps, setup=lambda: drop_merged(model))
-    del model
+    fn = operation("ours_svd", model)
+    ours = C.time_reps(lambda: (fn(), synchronize()), args.reps, setup=lambda: drop_merged(model))
+    model = fn = None
     common = ["--dir", str(root / "one_module"), "--dtype", "fp32", "--layers", "1"]
     ours_child = C.run_child(Path(__file__), ["--child", "ours_svd", *common])
     peft_child = C.run_child(Path(__file__), ["--child", "peft_svd", *common], timeout=1200)

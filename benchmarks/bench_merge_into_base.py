@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    C.apply_threads(args)
     args.layers = args.layers or (1 if args.quick else 2)
     if args.child:
         child(args)
