@@ -124,6 +124,7 @@ def lora_part(dtype_name: str, modules, t: float, rows: list, result: dict) -> N
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and "merged" in module.lora_A:
                 key = "base_model.model." + name[len("base_model.model.") :]
+                out_dtype = str(module.lora_A["merged"].weight.dtype).replace("torch.", "")
                 a = module.lora_A["merged"].weight.double()
                 b = module.lora_B["merged"].weight.double()
                 ref = lora_reference("adamergex", "exact", {r: f64(r, key) for r in ("T", "Rg", "Rs")}, t)
@@ -132,7 +133,7 @@ def lora_part(dtype_name: str, modules, t: float, rows: list, result: dict) -> N
             [
                 dtype_name,
                 "lora PEFT add_weighted_adapter cat",
-                str(module.lora_A["merged"].weight.dtype).replace("torch.", ""),
+                out_dtype,
                 err,
                 "-",
             ]
