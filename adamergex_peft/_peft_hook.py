@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import warnings
+from typing import Any
 
 _TARGET = "peft.peft_model"
 
 
-def merge_crosslingual(self, config, adapter_name: str) -> str:
+def merge_crosslingual(self, config: Any, adapter_name: str) -> str:
     """Add the AdaMergeX merge of three of this model's adapters as a new adapter.
 
     See :func:`adamergex_peft.merge_crosslingual`.
@@ -24,7 +26,7 @@ def merge_crosslingual(self, config, adapter_name: str) -> str:
     return impl(self, config, adapter_name)
 
 
-def merge_crosslingual_into_base(self, config):
+def merge_crosslingual_into_base(self, config: Any) -> Any:
     """Add the AdaMergeX update to the base weights in place; returns a handle with ``undo()``.
 
     See :func:`adamergex_peft.merge_crosslingual_into_base`.
@@ -35,15 +37,44 @@ def merge_crosslingual_into_base(self, config):
 
 
 def _attach(module) -> None:
-    cls = module.PeftModel
+    cls = getattr(module, "PeftModel", None)
+    if cls is None:
+        warnings.warn(
+            "adamergex_peft: peft.peft_model has no PeftModel; PeftModel.merge_crosslingual is not available "
+            "(use adamergex_peft.merge_crosslingual(model, config, name)).",
+            stacklevel=2,
+        )
+        return
     if not hasattr(cls, "merge_crosslingual"):
         cls.merge_crosslingual = merge_crosslingual
     if not hasattr(cls, "merge_crosslingual_into_base"):
         cls.merge_crosslingual_into_base = merge_crosslingual_into_base
 
 
+class _AttachingLoader(importlib.abc.Loader):
+    """Delegates to the real loader of ``peft.peft_model``, then attaches the methods.
+
+    A wrapper rather than a patched loader: some loaders (zip imports, frozen apps) are shared by
+    many modules.
+    """
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        _uninstall()
+        _attach(module)
+
+    def __getattr__(self, name: str):  # get_source, get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
+
+
 class _PeftModelFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the real loader of ``peft.peft_model`` to run ``_attach``."""
+    """Finds nothing itself; gives ``peft.peft_model`` a loader that runs ``_attach`` after it."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _TARGET:
@@ -56,17 +87,8 @@ class _PeftModelFinder(importlib.abc.MetaPathFinder):
                 break
         else:
             return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        original_exec = loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            _uninstall()
-            _attach(module)
-
-        loader.exec_module = exec_module
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _AttachingLoader(spec.loader)
         return spec
 
 

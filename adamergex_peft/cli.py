@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AdaMergeX cross-lingual adapter merging for PEFT adapters.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="More logging (-v: INFO, -vv: DEBUG)."
-    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="More logging (-v: INFO, -vv: DEBUG).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module_name in COMMANDS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -103,20 +104,23 @@ class AdaMergeXConfig:
             raise AdaMergeXError(
                 f"AdaMergeXConfig: task_adapter {self.task_adapter!r} is also used as a reference adapter."
             )
-        if isinstance(self.t, bool) or not isinstance(self.t, (int, float)) or not math.isfinite(self.t):
+        if not _is_finite_real(self.t):
             raise AdaMergeXError(f"AdaMergeXConfig.t must be a finite number, got {self.t!r}.")
         self.t = float(self.t)
         _check_choice("method", self.method, METHODS)
         _check_choice("lora_strategy", self.lora_strategy, LORA_STRATEGIES)
         _check_choice("ia3_strategy", self.ia3_strategy, IA3_STRATEGIES)
-        if self.svd_rank is not None and (
-            isinstance(self.svd_rank, bool) or not isinstance(self.svd_rank, int) or self.svd_rank < 1
-        ):
-            raise AdaMergeXError(f"AdaMergeXConfig.svd_rank must be a positive int or None, got {self.svd_rank!r}.")
-        weights = tuple(self.arimerge_weights)
-        if len(weights) != 2 or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-        ):
+        if self.svd_rank is not None:
+            if isinstance(self.svd_rank, bool) or not isinstance(self.svd_rank, numbers.Integral) or self.svd_rank < 1:
+                raise AdaMergeXError(
+                    f"AdaMergeXConfig.svd_rank must be a positive int or None, got {self.svd_rank!r}."
+                )
+            self.svd_rank = int(self.svd_rank)
+        try:
+            weights = tuple(self.arimerge_weights)
+        except TypeError:
+            weights = ()
+        if len(weights) != 2 or not all(_is_finite_real(w) for w in weights):
             raise AdaMergeXError(
                 f"AdaMergeXConfig.arimerge_weights must be two finite numbers (c0, c1), got {self.arimerge_weights!r}."
             )
@@ -161,6 +165,11 @@ class AdaMergeXConfig:
         if "config" in data and isinstance(data["config"], dict):
             data = data["config"]
         return cls.from_dict(data)
+
+
+def _is_finite_real(value: Any) -> bool:
+    """A finite real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

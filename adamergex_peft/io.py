@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,11 +29,21 @@ SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PT_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    The file gets the usual permissions (``0o666 & ~umask``), not ``mkstemp``'s private ``0o600``.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -43,7 +54,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (the digest ``adamergex_config.json`` records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk_size):
@@ -65,6 +76,8 @@ def weights_file(adapter_dir: str | os.PathLike) -> Path:
 def load_adapter_folder(adapter_dir: str | os.PathLike, name: str | None = None):
     """Load a PEFT adapter folder as :class:`~adamergex_peft.merge.AdapterWeights` (tensors on CPU).
 
+    The sha256 of the weights file, computed from the bytes read, is in ``AdapterWeights.sha256``.
+
     Args:
         adapter_dir: folder with ``adapter_config.json`` and ``adapter_model.safetensors``
             (or ``adapter_model.bin``, loaded with ``torch.load(weights_only=True)``).
@@ -75,7 +88,7 @@ def load_adapter_folder(adapter_dir: str | os.PathLike, name: str | None = None)
     """
     import torch
     from peft import PeftConfig
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     from adamergex_peft.merge import AdapterWeights
 
@@ -90,16 +103,17 @@ def load_adapter_folder(adapter_dir: str | os.PathLike, name: str | None = None)
     except Exception as err:  # JSON errors, unknown peft_type, bad values
         raise AdaMergeXError(f"adapter {name!r}: cannot read {ADAPTER_CONFIG_NAME}: {err}") from None
     path = weights_file(adapter_dir)
+    data = path.read_bytes()  # read once: hashed and parsed from the same bytes
     try:
         if path.name == SAFETENSORS_WEIGHTS_NAME:
-            state_dict = load_file(str(path), device="cpu")
+            state_dict = load_safetensors(data)
         else:
-            state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+            state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise AdaMergeXError(f"adapter {name!r}: cannot read {path.name} (corrupt or truncated?): {err}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise AdaMergeXError(f"adapter {name!r}: {path.name} does not hold a dict of tensors.")
-    return AdapterWeights(name, peft_config, state_dict)
+    return AdapterWeights(name, peft_config, state_dict, sha256=hashlib.sha256(data).hexdigest())
 
 
 def merge_adapter_files(
@@ -147,15 +161,13 @@ def merge_adapter_files(
         "target_reference_adapter": Path(target_reference_dir),
     }
     output_dir = Path(output_dir)
+    _check_paths(inputs, output_dir)
     if output_dir.exists() and not overwrite:
         raise AdaMergeXError(
             f"output folder {str(output_dir)!r} exists; pass overwrite=True (--overwrite) to replace it."
         )
     if output_dir.exists() and not output_dir.is_dir():
         raise AdaMergeXError(f"output {str(output_dir)!r} exists and is not a folder.")
-    for role, path in inputs.items():
-        if path.exists() and output_dir.exists() and os.path.samefile(path, output_dir):
-            raise AdaMergeXError(f"output folder {str(output_dir)!r} is the {role} input; write elsewhere.")
 
     names = {role: str(path) for role, path in inputs.items()}
     config = dataclasses.replace(config or AdaMergeXConfig(**names), **names)
@@ -170,7 +182,7 @@ def merge_adapter_files(
     record = {
         "config": config.to_dict(),
         "inputs": {
-            role: {"path": str(path.resolve()), "weights_sha256": sha256_file(weights_file(path))}
+            role: {"path": str(path.resolve()), "weights_sha256": adapters[role].sha256}
             for role, path in inputs.items()
         },
         "report": result.report,
@@ -181,6 +193,7 @@ def merge_adapter_files(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private 0o700 folder
         result.peft_config.save_pretrained(str(tmp))
         save_file(result.state_dict, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -190,6 +203,22 @@ def merge_adapter_files(
         raise
     logger.info("wrote %s adapter to %s (%s)", config.method, output_dir, result.report)
     return output_dir
+
+
+def _check_paths(inputs: dict[str, Path], output_dir: Path) -> None:
+    """Refuse an output that is (or contains) an input, and two roles given the same folder."""
+    resolved = {role: path.resolve() for role, path in inputs.items()}
+    out = output_dir.resolve()
+    for role, path in resolved.items():
+        if out == path or out in path.parents:
+            raise AdaMergeXError(
+                f"output folder {str(output_dir)!r} is or contains the {role} input {str(inputs[role])!r}; write elsewhere."
+            )
+    seen: dict[Path, str] = {}
+    for role, path in resolved.items():
+        if path in seen:
+            raise AdaMergeXError(f"{role} and {seen[path]} are the same folder {str(inputs[role])!r}.")
+        seen[path] = role
 
 
 def _replace_folder(new: Path, target: Path) -> None:

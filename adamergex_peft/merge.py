@@ -45,11 +45,13 @@ class AdapterWeights:
         name: how messages refer to it (adapter name or folder path).
         peft_config: its ``LoraConfig`` or ``IA3Config``.
         state_dict: tensors keyed as in ``adapter_model.safetensors`` (see module docstring).
+        sha256: hex digest of the weights file it was read from, if any (for provenance records).
     """
 
     name: str
     peft_config: PeftConfig
     state_dict: dict[str, torch.Tensor]
+    sha256: str | None = None
 
 
 @dataclass
@@ -187,7 +189,7 @@ def _roles(config: AdaMergeXConfig) -> dict[str, float]:
     return {
         "adamergex": {"T": 1.0, "Rg": t, "Rs": -t},
         "cross": {"T": 1.0, "Rg": t, "Rs": -t},
-        "arimerge": {"T": 1.0, "Rg": 1.0, "Rs": -1.0},
+        "arimerge": {"T": 1.0, "Rg": 1.0, "Rs": -1.0},  # which adapters; the formula has its own weights
         "task_only": {"T": 1.0},
         "task_plus_target": {"T": 1.0, "Rg": t},
     }[config.method]
@@ -231,7 +233,9 @@ def _combine_lora_cross(mods, weights, config, rank):
     # analogy is only defined where all three adapters train the module.
     if len(mods) != 3:
         missing = sorted({"T", "Rg", "Rs"} - set(mods))
-        raise AdaMergeXError(f"method 'cross' needs the module in all three adapters; missing from {missing}")
+        raise AdaMergeXError(
+            f"method 'cross' needs the module in all three adapters; missing from {', '.join(missing)}"
+        )
     return mu.elementwise_multiplicative_factors(*((mods[r].a, mods[r].b) for r in ("T", "Rg", "Rs")), config.t), None
 
 
@@ -342,9 +346,39 @@ def merge_state_dicts(
 
     weights = _roles(config)
     used = {role: adapters[role] for role in weights}
+    _warn_ignored_settings(config, types["T"])
     if types["T"] == PeftType.LORA:
         return _merge_lora(used, weights, config, device, dtype)
     return _merge_ia3(used, weights, config, device, dtype)
+
+
+_ROLE_NAMES = {"T": "task adapter", "Rs": "source reference adapter", "Rg": "target reference adapter"}
+
+
+def _module_error(module: str, err: object, used: dict[str, AdapterWeights]) -> AdaMergeXError:
+    """Name the module and, for the roles the message mentions (T, Rs, Rg), the adapters."""
+    legend = "; ".join(f"{role} = {_ROLE_NAMES[role]} {a.name!r}" for role, a in used.items())
+    return AdaMergeXError(f"module {_module_target_name(module)!r}: {err} [{legend}]")
+
+
+def _warn_ignored_settings(config: AdaMergeXConfig, peft_type: PeftType) -> None:
+    ignored = []
+    if peft_type == PeftType.LORA:
+        if config.method in ("arimerge", "cross") and config.lora_strategy != "exact":
+            ignored.append(f"lora_strategy={config.lora_strategy!r} (method {config.method!r} is factor-level)")
+        if config.svd_rank is not None and (config.lora_strategy != "svd" or config.method in ("arimerge", "cross")):
+            ignored.append(f"svd_rank={config.svd_rank}")
+        if config.ia3_strategy != "linear":
+            ignored.append(f"ia3_strategy={config.ia3_strategy!r} (LoRA adapters)")
+    else:
+        if config.lora_strategy != "exact" or config.svd_rank is not None:
+            ignored.append("lora_strategy/svd_rank ((IA)^3 adapters)")
+        if config.method in ("arimerge", "cross") and config.ia3_strategy != "linear":
+            ignored.append(f"ia3_strategy={config.ia3_strategy!r} (method {config.method!r} is additive)")
+    if config.method != "arimerge" and tuple(config.arimerge_weights) != (0.5, 0.5):
+        ignored.append("arimerge_weights (method is not 'arimerge')")
+    if ignored:
+        logger.warning("AdaMergeX %s merge ignores: %s", config.method, ", ".join(ignored))
 
 
 def _check_shapes(module: str, shapes: dict[str, tuple[int, ...]], adapters: dict[str, AdapterWeights], what: str):
@@ -385,11 +419,9 @@ def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
         try:
             (a, b), kept_share = combine(mods, module_weights, config, svd_rank)
         except AdaMergeXError as err:
-            raise AdaMergeXError(f"module {_module_target_name(module)!r}: {err}") from None
+            raise _module_error(module, err, used) from None
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            raise AdaMergeXError(
-                f"module {_module_target_name(module)!r}: the {config.method} merge produced NaN/Inf values."
-            )
+            raise _module_error(module, f"the {config.method} merge of T, Rg, Rs produced NaN/Inf values", used)
         if kept_share is not None:
             kept[_module_target_name(module)] = kept_share
         results[module] = (a, b)
@@ -471,11 +503,9 @@ def _merge_ia3(used, weights, config, device, dtype) -> MergeResult:
         try:
             out = combine(vecs, weights, config)
         except AdaMergeXError as err:
-            raise AdaMergeXError(f"module {_module_target_name(module)!r}: {err}") from None
+            raise _module_error(module, err, used) from None
         if not bool(torch.isfinite(out).all()):
-            raise AdaMergeXError(
-                f"module {_module_target_name(module)!r}: the {config.method} merge produced NaN/Inf values."
-            )
+            raise _module_error(module, f"the {config.method} merge of T, Rg, Rs produced NaN/Inf values", used)
         state_dict[module + IA3_SUFFIX] = out.to(dtype).contiguous()
         vec = next(iter(present.values()))
         if vec.shape[0] == 1 and vec.shape[1] != 1:  # (1, in_features): feed-forward module

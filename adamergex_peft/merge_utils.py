@@ -136,7 +136,7 @@ def _check_denominator(denominator: torch.Tensor) -> None:
         index = int(bad.flatten().nonzero()[0])
         value = float(denominator.flatten()[index])
         raise AdaMergeXError(
-            f"denominator has {int(bad.sum())} entr{'y' if int(bad.sum()) == 1 else 'ies'} <= "
+            f"Rs: denominator l_Rs has {int(bad.sum())} entr{'y' if int(bad.sum()) == 1 else 'ies'} <= "
             f"{IA3_MIN_DENOMINATOR:g} (first: index {index}, value {value:.3g}); dividing by it would give inf/NaN "
             "or flip the sign of the scaling"
         )
@@ -181,7 +181,7 @@ def multiplicative_power(
     if bool(bad.any()):
         index = int(bad.flatten().nonzero()[0])
         raise AdaMergeXError(
-            f"ratio l_Rg / l_Rs is <= 0 in {int(bad.sum())} entries (first: index {index}, value "
+            f"Rg/Rs: ratio l_Rg / l_Rs is <= 0 in {int(bad.sum())} entries (first: index {index}, value "
             f"{float(ratio.flatten()[index]):.3g}); its power t={t:g} is undefined. Use ia3_strategy='linear'"
         )
     return task * ratio.pow(t)

@@ -25,6 +25,7 @@ from adamergex_peft.merge import (
     PREFIX,
     AdapterWeights,
     MergeResult,
+    _module_target_name,
     merge_state_dicts,
 )
 
@@ -94,8 +95,10 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
             The model is left exactly as it was.
     """
     _check_peft_model(model)
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise AdaMergeXError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise AdaMergeXError(
+            f"adapter_name must be a non-empty string without '.' (PEFT uses it in module paths), got {adapter_name!r}."
+        )
     if adapter_name in model.peft_config:
         raise AdaMergeXError(
             f"an adapter named {adapter_name!r} already exists; choose another name or delete it first "
@@ -104,7 +107,7 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
     result = _compute(model, config)
     active_before = list(model.active_adapters)
     try:
-        model.add_adapter(adapter_name, result.peft_config, low_cpu_mem_usage=True, autocast_adapter_dtype=False)
+        model.add_adapter(adapter_name, result.peft_config, low_cpu_mem_usage=True)
         load = set_peft_model_state_dict(model, result.state_dict, adapter_name=adapter_name, low_cpu_mem_usage=True)
         missing = [k for k in load.missing_keys if f".{adapter_name}." in k or k.endswith(f".{adapter_name}")]
         if load.unexpected_keys or missing:
@@ -118,8 +121,11 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
         if list(model.active_adapters) != active_before:
             model.set_adapter(active_before if len(active_before) > 1 else active_before[0])
         raise
+    # PEFT moves a loaded adapter to the base layer's device *and dtype*; keep the task adapter's dtype.
+    dtype = next(iter(result.state_dict.values())).dtype
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+            param.data = param.data.to(dtype)
             param.requires_grad_(False)
     logger.info(
         "added adapter %r: %s of %r, %r and %r (t=%g), %s",
@@ -154,27 +160,28 @@ def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
 
 @dataclass
 class _LoraUpdate:
-    weight: torch.Tensor
+    weight: torch.nn.Parameter
     left: torch.Tensor
     right: torch.Tensor
     scaling: float
 
     def apply(self, sign: float) -> None:
-        _add_low_rank_(self.weight, self.left, self.right, sign * self.scaling)
+        _add_low_rank_(self.weight.data, self.left, self.right, sign * self.scaling)
 
 
 @dataclass
 class _IA3Update:
-    weight: torch.Tensor
+    weight: torch.nn.Parameter
     scale: torch.Tensor  # broadcastable to weight
-    bias: torch.Tensor | None
+    bias: torch.nn.Parameter | None
     bias_scale: torch.Tensor | None
 
     def apply(self, sign: float) -> None:
         op = torch.mul if sign > 0 else torch.div
-        self.weight.copy_(op(self.weight.float(), self.scale).to(self.weight.dtype))
-        if self.bias is not None:
-            self.bias.copy_(op(self.bias.float(), self.bias_scale).to(self.bias.dtype))
+        for param, scale in ((self.weight, self.scale), (self.bias, self.bias_scale)):
+            if param is not None:
+                data = param.data
+                data.copy_(op(data.float(), scale.to(data.device)).to(data.dtype))
 
 
 @dataclass
@@ -224,9 +231,13 @@ def merge_crosslingual_into_base(model: PeftModel, config: AdaMergeXConfig) -> B
     updates = _plan_base_updates(model, result)
     handle = BaseMergeHandle(config=config, report=result.report, _updates=[])
     with torch.no_grad():
-        for update in updates:
-            update.apply(1.0)
-            handle._updates.append(update)
+        try:
+            for update in updates:
+                update.apply(1.0)
+                handle._updates.append(update)
+        except BaseException:  # e.g. out of memory half-way: take out what was added, then re-raise
+            handle.undo()
+            raise
     logger.info("merged %s (t=%g) into %d base weights", config.method, config.t, len(updates))
     return handle
 
@@ -246,7 +257,8 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
             left, right = (a.T, b.T) if getattr(layer, "fan_in_fan_out", False) else (b, a)
             if tuple(weight.shape) != (left.shape[0], right.shape[1]):
                 raise AdaMergeXError(
-                    f"module {module!r}: merged update does not fit the base weight {tuple(weight.shape)}."
+                    f"module {_module_target_name(module)!r}: merged update does not fit the base weight "
+                    f"{tuple(weight.shape)}."
                 )
             updates.append(_LoraUpdate(weight, left, right, scaling))
     else:
@@ -257,7 +269,8 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
             vec = vec.to(device=weight.device, dtype=torch.float32)
             if bool((vec == 0).any()):
                 raise AdaMergeXError(
-                    f"module {module!r}: the merged (IA)^3 vector has zeros; merging it into the base could not be undone."
+                    f"module {_module_target_name(module)!r}: the merged (IA)^3 vector has zeros; merging it into the "
+                    "base could not be undone."
                 )
             scale = vec.T if getattr(layer, "fan_in_fan_out", False) else vec
             base = layer.get_base_layer()
@@ -272,7 +285,7 @@ def _layer(model: PeftModel, module: str, kind: type):
     except AttributeError:
         layer = None
     if not isinstance(layer, kind):
-        raise AdaMergeXError(f"module {module[len(PREFIX) :]!r}: no {kind.__name__} at this path in the model.")
+        raise AdaMergeXError(f"module {_module_target_name(module)!r}: no {kind.__name__} at this path in the model.")
     return layer
 
 
@@ -284,14 +297,3 @@ def _base_weight(layer, module: str) -> torch.Tensor:
             "(quantized?); merge into an unquantized model."
         )
     return weight.data
-
-
-# --------------------------------------------------------------------------- PeftModel integration
-def attach_to_peft_model() -> None:
-    """Make ``model.merge_crosslingual(cfg, name)`` and ``model.merge_crosslingual_into_base(cfg)`` work."""
-    from adamergex_peft import _peft_hook
-
-    _peft_hook.install()
-
-
-attach_to_peft_model()

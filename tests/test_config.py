@@ -36,6 +36,9 @@ def test_defaults_and_round_trip(tmp_path):
         ({"ia3_strategy": "log"}, "ia3_strategy must be one of"),
         ({"svd_rank": 0}, "svd_rank must be a positive int"),
         ({"arimerge_weights": (0.5,)}, "arimerge_weights must be two finite numbers"),
+        ({"arimerge_weights": 0.5}, "arimerge_weights must be two finite numbers"),
+        ({"arimerge_weights": None}, "arimerge_weights must be two finite numbers"),
+        ({"svd_rank": 2.0}, "svd_rank must be a positive int"),
         ({"task_adapter": ""}, "task_adapter must be a non-empty adapter name"),
         ({"target_reference_adapter": None}, "target_reference_adapter must be a non-empty"),
         ({"target_reference_adapter": "ref_en"}, "are the same adapter"),
@@ -46,6 +49,14 @@ def test_invalid_values_are_clear_errors(kwargs, message):
     with pytest.raises(AdaMergeXError, match=message):
         AdaMergeXConfig(**{**NAMES, **kwargs})
     assert issubclass(AdaMergeXError, ValueError)
+
+
+def test_numpy_scalars_are_accepted():
+    import numpy as np  # a transformers dependency
+
+    cfg = AdaMergeXConfig(**NAMES, t=np.float32(0.5), svd_rank=np.int64(4), arimerge_weights=np.array([0.2, 0.8]))
+    assert (cfg.t, cfg.svd_rank, cfg.arimerge_weights) == (0.5, 4, (0.2, 0.8))
+    assert type(cfg.t) is float and type(cfg.svd_rank) is int
 
 
 def test_unknown_keys_are_refused():

@@ -215,3 +215,78 @@ def test_cli_merge(lora_dirs, tmp_path):
     assert not (tmp_path / "fw").exists()
     proc = run_cli(*common, "--output", str(tmp_path / "nan"), "--t", "nan", cwd=tmp_path)
     assert proc.returncode == 2 and "finite" in proc.stderr
+
+
+def test_cli_flags_reach_the_config(lora_dirs, ia3_dirs, tmp_path):
+    cases = [
+        (
+            lora_dirs,
+            ["--lora-strategy", "svd", "--svd-rank", "3", "--t", "0.3"],
+            dict(lora_strategy="svd", svd_rank=3, t=0.3),
+        ),
+        (
+            ia3_dirs,
+            ["--method", "task_plus_target", "--ia3-strategy", "power", "--t", "0.6"],
+            dict(method="task_plus_target", ia3_strategy="power", t=0.6),
+        ),
+        (
+            ia3_dirs,
+            ["--method", "arimerge", "--arimerge-weights", "0.3", "0.7"],
+            dict(method="arimerge", arimerge_weights=(0.3, 0.7)),
+        ),
+    ]
+    for i, (dirs, flags, kwargs) in enumerate(cases):
+        out = tmp_path / f"cli{i}"
+        args = ["merge", "--task", dirs[T], "--source-reference", dirs[RS], "--target-reference", dirs[RG]]
+        proc = run_cli(*args, "--output", str(out), *flags, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        api = merge_adapter_files(
+            dirs[T], dirs[RS], dirs[RG], tmp_path / f"api{i}", AdaMergeXConfig("a", "b", "c", **kwargs)
+        )
+        a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(api / "adapter_model.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), flags
+        record = json.loads((out / "adamergex_config.json").read_text())["config"]
+        for key, value in kwargs.items():
+            assert record[key] == (list(value) if isinstance(value, tuple) else value)
+
+
+def test_failed_write_leaves_nothing(lora_dirs, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        merge_adapter_files(lora_dirs[T], lora_dirs[RS], lora_dirs[RG], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_output_permissions_follow_umask(lora_dirs, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = merge_adapter_files(lora_dirs[T], lora_dirs[RS], lora_dirs[RG], tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    assert os.stat(out / "adamergex_config.json").st_mode & 0o777 == 0o644
+
+
+def test_bad_folders_are_refused(lora_dirs, tmp_path):
+    with pytest.raises(AdaMergeXError, match="is not a folder"):
+        merge_adapter_files(lora_dirs[T], tmp_path / "missing", lora_dirs[RG], tmp_path / "out")
+    with pytest.raises(AdaMergeXError, match="same folder"):
+        merge_adapter_files(lora_dirs[T], lora_dirs[RG], lora_dirs[RG], tmp_path / "out")
+    parent = os.path.dirname(lora_dirs[RS])
+    with pytest.raises(AdaMergeXError, match="is or contains the .* input"):
+        merge_adapter_files(lora_dirs[T], lora_dirs[RS], lora_dirs[RG], parent, overwrite=True)
+    assert os.path.isdir(lora_dirs[RS]) and not (tmp_path / "out").exists()
+
+
+def test_dora_folder_is_refused(lora_dirs, tmp_path):
+    dora = tiny.lora_model(tiny.tiny_llama(), {"default": {**tiny.LLAMA_LORA[RG], "use_dora": True}})
+    dora.save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(AdaMergeXError, match="DoRA"):
+        merge_adapter_files(lora_dirs[T], lora_dirs[RS], tmp_path / "dora", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

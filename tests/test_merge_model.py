@@ -34,16 +34,35 @@ def ia3_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, IA3Layer)}
 
 
-def dw(layer, name, scaling):
-    """An adapter's update for one module in float64, in the base weight's orientation (0 if absent)."""
+def dw(layer, name, spec):
+    """An adapter's update for one module in float64, in the base weight's orientation (0 if absent).
+
+    The scaling comes from the adapter kwargs in ``spec`` (tiny.module_scaling), not from PEFT.
+    """
     if name not in layer.lora_A:
         return 0.0
-    delta = scaling[name] * (layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double())
+    module = next(k for k, m in layer_names(layer).items() if m is layer)
+    scaling = tiny.module_scaling(spec, name, module)
+    delta = scaling * (layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double())
     return delta.T if layer.fan_in_fan_out else delta
 
 
-def expected_lora(layer, method, t, scaling):
-    d_t, d_g, d_s = (dw(layer, n, scaling) for n in (T, RG, RS))
+_NAMES: dict[int, dict] = {}
+
+
+def layer_names(layer):
+    return _NAMES[id(layer)]
+
+
+def register_names(model):
+    """Remember module names so that dw() can look up rank/alpha patterns by module path."""
+    names = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for m in names.values():
+        _NAMES[id(m)] = names
+
+
+def expected_lora(layer, method, t, spec):
+    d_t, d_g, d_s = (dw(layer, n, spec) for n in (T, RG, RS))
     return {
         "adamergex": d_t + t * (d_g - d_s),
         "task_only": d_t,
@@ -58,21 +77,27 @@ def rel(x, ref):
     return float((x.double() - ref).norm() / ref.norm())
 
 
+def spec_model(base, spec):
+    model = tiny.lora_model(base, spec)
+    register_names(model)
+    return model, spec
+
+
 @pytest.fixture
 def llama_lora():
-    return tiny.lora_model(tiny.tiny_llama(), tiny.LLAMA_LORA), tiny.LLAMA_LORA_SCALING
+    return spec_model(tiny.tiny_llama(), tiny.LLAMA_LORA)
 
 
 @pytest.fixture
 def gpt2_lora():
-    return tiny.lora_model(tiny.tiny_gpt2(), tiny.GPT2_LORA), tiny.GPT2_LORA_SCALING
+    return spec_model(tiny.tiny_gpt2(), tiny.GPT2_LORA)
 
 
 @pytest.mark.parametrize("method", ["adamergex", "task_only", "task_plus_target"])
 @pytest.mark.parametrize("t", [1.0, 0.35, -0.8])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_exact_equals_closed_form(method, t, arch, request):
-    model, scaling = request.getfixturevalue(f"{arch}_lora")
+    model, spec = request.getfixturevalue(f"{arch}_lora")
     snapshot = tiny.adapter_snapshot(model)
     assert model.merge_crosslingual(cfg(t=t, method=method), adapter_name="merged") == "merged"
 
@@ -83,18 +108,18 @@ def test_lora_exact_equals_closed_form(method, t, arch, request):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".merged." in n)
 
     used = {"adamergex": (T, RG, RS), "task_only": (T,), "task_plus_target": (T, RG)}[method]
-    ranks = {n: kw["r"] for n, kw in (tiny.LLAMA_LORA if arch == "llama" else tiny.GPT2_LORA).items()}
     checked = 0
     for name, layer in lora_layers(model).items():
         present = [n for n in used if n in layer.lora_A]
         if not present:
             assert "merged" not in layer.lora_A, f"{name}: merged adapter on a module no used adapter trains"
             continue
-        ref = expected_lora(layer, method, t, scaling)
+        ref = expected_lora(layer, method, t, spec)
         assert rel(layer.get_delta_weight("merged"), ref) < 1e-5, name
         # exact = stacked factors; a module in fewer adapters is zero-padded to the common rank
         assert layer.lora_A["merged"].weight.shape[0] == max(
-            sum(ranks[n] for n in used if n in other.lora_A) for other in lora_layers(model).values()
+            sum(other.lora_A[n].weight.shape[0] for n in used if n in other.lora_A)
+            for other in lora_layers(model).values()
         )
         checked += 1
     assert checked >= 4
@@ -102,7 +127,7 @@ def test_lora_exact_equals_closed_form(method, t, arch, request):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_merged_logits_equal_base_plus_update(arch, request):
-    model, scaling = request.getfixturevalue(f"{arch}_lora")
+    model, spec = request.getfixturevalue(f"{arch}_lora")
     t = 0.6
     reference = copy.deepcopy(model.get_base_model())  # base weights plus the float64 update, by hand
     base_of_ref = {n: m for n, m in reference.named_modules()}
@@ -111,7 +136,7 @@ def test_lora_merged_logits_equal_base_plus_update(arch, request):
             target = base_of_ref[name.removeprefix("base_model.model.")]
             weight = target.base_layer.weight if hasattr(target, "base_layer") else target.weight
             with torch.no_grad():
-                weight.copy_((weight.double() + expected_lora(layer, "adamergex", t, scaling)).float())
+                weight.copy_((weight.double() + expected_lora(layer, "adamergex", t, spec)).float())
     ids = torch.randint(3, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     model.merge_crosslingual(cfg(t=t), "merged")
     model.set_adapter("merged")
@@ -129,19 +154,19 @@ def test_lora_merged_logits_equal_base_plus_update(arch, request):
 
 
 def test_svd_rank_energy_and_exactness(llama_lora):
-    model, scaling = llama_lora
+    model, spec = llama_lora
     # enough rank: equals exact
     model.merge_crosslingual(cfg(t=0.5, lora_strategy="svd", svd_rank=12), "svd_full")
     for _name, layer in lora_layers(model).items():
         if "svd_full" in layer.lora_A:
             assert layer.lora_A["svd_full"].weight.shape[0] == 12
-            assert rel(layer.get_delta_weight("svd_full"), expected_lora(layer, "adamergex", 0.5, scaling)) < 1e-5
+            assert rel(layer.get_delta_weight("svd_full"), expected_lora(layer, "adamergex", 0.5, spec)) < 1e-5
     # default rank = task rank (4): the best rank-4 approximation, with the kept energy reported
     model.merge_crosslingual(cfg(t=0.5, lora_strategy="svd"), "svd4")
     for _name, layer in lora_layers(model).items():
         if "svd4" in layer.lora_A:
             assert layer.lora_A["svd4"].weight.shape[0] == 4
-            ref = expected_lora(layer, "adamergex", 0.5, scaling)
+            ref = expected_lora(layer, "adamergex", 0.5, spec)
             u, s, vh = torch.linalg.svd(ref)
             best = (u[:, :4] * s[:4]) @ vh[:4]
             assert rel(layer.get_delta_weight("svd4"), best) < 1e-4
@@ -246,14 +271,15 @@ def vec(layer, name):
         ("task_plus_target", "linear", lambda lt, lg, ls, t: lt * (t * (lg - 1) + 1)),
         ("task_plus_target", "power", lambda lt, lg, ls, t: lt * lg**t),
         ("cross", "linear", lambda lt, lg, ls, t: lt + t * (lg - ls)),
-        ("arimerge", "linear", lambda lt, lg, ls, t: (1 - 0.5) + 0.5 * lt + 0.5 * (lg - ls)),
+        ("arimerge", "linear", lambda lt, lg, ls, t: (1 - 0.3) + 0.3 * lt + 0.7 * (lg - ls)),
     ],
 )
 def test_ia3_formulas(llama_ia3, method, strategy, formula):
     model = llama_ia3
     t = 0.65
     snapshot = tiny.adapter_snapshot(model)
-    model.merge_crosslingual(cfg(t=t, method=method, ia3_strategy=strategy), "merged")
+    extra = {"arimerge_weights": (0.3, 0.7)} if method == "arimerge" else {}
+    model.merge_crosslingual(cfg(t=t, method=method, ia3_strategy=strategy, **extra), "merged")
     new_state = model.state_dict()
     for key, value in snapshot.items():
         assert torch.equal(new_state[key], value), key
@@ -280,7 +306,7 @@ def test_ia3_zero_denominator_is_refused_and_nothing_changes(llama_ia3):
     with torch.no_grad():
         layer.ia3_l[RS][3, 0] = 0.0
     snapshot = tiny.adapter_snapshot(model)
-    with pytest.raises(AdaMergeXError, match=r"layers\.1\.self_attn\.k_proj.*denominator"):
+    with pytest.raises(AdaMergeXError, match=r"layers\.1\.self_attn\.k_proj.*denominator.*'ref_en'"):
         model.merge_crosslingual(cfg(), "merged")
     assert "merged" not in model.peft_config
     tiny.assert_unchanged(model, snapshot)
@@ -322,12 +348,17 @@ def test_dora_is_refused():
     assert "merged" not in model.peft_config
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3"])
-def test_into_base_equals_merged_adapter_and_undo_restores(kind, llama_ia3):
+def _model(kind: str, arch: str):
+    base = tiny.tiny_llama() if arch == "llama" else tiny.tiny_gpt2()
     if kind == "lora":
-        model = tiny.lora_model(tiny.tiny_llama(), tiny.LLAMA_LORA)
-    else:
-        model = llama_ia3
+        return tiny.lora_model(base, tiny.LLAMA_LORA if arch == "llama" else tiny.GPT2_LORA)
+    return tiny.ia3_model(base, tiny.LLAMA_IA3 if arch == "llama" else tiny.GPT2_IA3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D (fan_in_fan_out) and biased attention
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_into_base_equals_merged_adapter_and_undo_restores(kind, arch):
+    model = _model(kind, arch)
     c = cfg(t=0.8)
     ids = torch.randint(3, tiny.VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     model.merge_crosslingual(c, "merged")
@@ -356,12 +387,14 @@ def test_into_base_equals_merged_adapter_and_undo_restores(kind, llama_ia3):
         handle.undo()
 
 
-def test_into_base_bf16_accumulates_in_fp32():
-    base = tiny.tiny_llama().to(torch.bfloat16)
-    model = tiny.lora_model(base, tiny.LLAMA_LORA)
+def test_into_base_bf16_accumulates_in_fp32(monkeypatch):
+    import adamergex_peft.model as model_module
+
+    monkeypatch.setattr(model_module, "_CHUNK_ELEMENTS", 64)  # several row blocks per weight
+    model, spec = spec_model(tiny.tiny_llama().to(torch.bfloat16), tiny.LLAMA_LORA)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     w0 = layer.base_layer.weight.detach().clone()
-    ref = (w0.double() + expected_lora(layer, "adamergex", 1.0, tiny.LLAMA_LORA_SCALING)).to(torch.bfloat16)
+    ref = (w0.double() + expected_lora(layer, "adamergex", 1.0, spec)).to(torch.bfloat16)
     handle = merge_crosslingual_into_base(model, cfg())
     w1 = layer.base_layer.weight
     assert w1.dtype == torch.bfloat16
@@ -374,17 +407,22 @@ def test_saved_adapter_loads_in_plain_peft_and_reproduces_logits(tmp_path, llama
     model, _ = llama_lora
     model.merge_crosslingual(cfg(t=0.4), "task_sw")
     model.set_adapter("task_sw")
-    base_dir, out_dir = tmp_path / "base", tmp_path / "out"
+    out_dir = tmp_path / "out"
     ids = torch.randint(3, tiny.VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model(ids).logits
     model.save_pretrained(str(out_dir), selected_adapters=["task_sw"])
-    base = tiny.tiny_llama()  # same seed: the same base weights
-    base.save_pretrained(str(base_dir))
-    torch.save({"ids": ids, "want": want}, tmp_path / "io.pt")
+    tiny.tiny_llama().save_pretrained(str(tmp_path / "base"))  # same seed: the same base weights
     adapter_dir = out_dir / "task_sw"
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    _check_fresh_process(tmp_path, adapter_dir, ids, want)
+
+
+def _check_fresh_process(tmp_path, adapter_dir, ids, want):
+    """Load base + adapter with plain PEFT in a new process that never imports adamergex_peft."""
+    base_dir = tmp_path / "base"
+    torch.save({"ids": ids, "want": want}, tmp_path / "io.pt")
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -402,3 +440,76 @@ def test_saved_adapter_loads_in_plain_peft_and_reproduces_logits(tmp_path, llama
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_into_base_bad_input_and_failure_leave_weights_unchanged(monkeypatch, llama_ia3):
+    model = llama_ia3
+    snapshot = tiny.adapter_snapshot(model)
+    with pytest.raises(AdaMergeXError, match="loaded adapters"):
+        merge_crosslingual_into_base(model, AdaMergeXConfig(T, RS, "nope"))
+    layer = model.base_model.model.model.layers[0].self_attn.k_proj
+    with torch.no_grad():  # a merged vector with a zero: l_T = 0 somewhere
+        layer.ia3_l[T][1, 0] = 0.0
+    snapshot = tiny.adapter_snapshot(model)
+    with pytest.raises(AdaMergeXError, match=r"layers\.0\.self_attn\.k_proj.*zeros.*could not be undone"):
+        merge_crosslingual_into_base(model, cfg())
+    tiny.assert_unchanged(model, snapshot)
+
+    import adamergex_peft.model as model_module
+
+    lora = tiny.lora_model(tiny.tiny_llama(), tiny.LLAMA_LORA)
+    before = tiny.adapter_snapshot(lora)
+    calls = {"n": 0}
+    real = model_module._add_low_rank_
+
+    def failing(weight, left, right, alpha):
+        calls["n"] += 1
+        if calls["n"] == 3 and alpha > 0:
+            raise RuntimeError("simulated out of memory")
+        real(weight, left, right, alpha)
+
+    monkeypatch.setattr(model_module, "_add_low_rank_", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        merge_crosslingual_into_base(lora, cfg())
+    after = lora.state_dict()
+    for key, value in before.items():  # the two weights already changed were restored
+        assert torch.allclose(after[key], value, atol=1e-6), key
+
+
+def test_merged_adapter_keeps_the_task_adapter_dtype():
+    base = tiny.tiny_llama().to(torch.bfloat16)
+    model = tiny.lora_model(base, tiny.LLAMA_LORA)  # PEFT keeps adapters in float32 on a bf16 base
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A[T].weight.dtype == torch.float32
+    model.merge_crosslingual(cfg(), "merged")
+    assert layer.lora_A["merged"].weight.dtype == torch.float32
+    assert layer.lora_A["merged"].weight.device == layer.lora_A[T].weight.device
+
+
+def test_factorwise_needs_equal_scalings():
+    spec = dict(tiny.LLAMA_LORA_UNIFORM)
+    spec[RG] = {**spec[RG], "lora_alpha": 16}  # same rank, different alpha
+    model = tiny.lora_model(tiny.tiny_llama(), spec)
+    with pytest.raises(AdaMergeXError, match=r"one rank and one scaling.*'ref_sw'.*scaling 4"):
+        model.merge_crosslingual(cfg(lora_strategy="factorwise"), "fw")
+    assert "fw" not in model.peft_config
+
+
+@pytest.mark.parametrize("name", ["a.b", ""])
+def test_invalid_new_adapter_names(llama_lora, name):
+    model, _ = llama_lora
+    with pytest.raises(AdaMergeXError, match="adapter_name must be"):
+        model.merge_crosslingual(cfg(), name)
+    assert set(model.peft_config) == {T, RS, RG}
+
+
+def test_saved_ia3_adapter_loads_in_plain_peft(tmp_path, llama_ia3):
+    model = llama_ia3
+    model.merge_crosslingual(cfg(t=0.7, ia3_strategy="power"), "task_sw")
+    model.set_adapter("task_sw")
+    ids = torch.randint(3, tiny.VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(str(tmp_path / "out"), selected_adapters=["task_sw"])
+    tiny.tiny_llama().save_pretrained(str(tmp_path / "base"))
+    _check_fresh_process(tmp_path, tmp_path / "out" / "task_sw", ids, want)

@@ -86,14 +86,26 @@ def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-# Three LoRA adapters with different ranks, alphas, rsLoRA, and target modules that only partly overlap.
+def module_scaling(spec: dict[str, dict], adapter: str, module: str) -> float:
+    """The scaling of ``adapter`` on ``module`` from the adapter kwargs, rank/alpha patterns included."""
+    kw = spec[adapter]
+    r = next((v for k, v in kw.get("rank_pattern", {}).items() if module.endswith(k)), kw["r"])
+    alpha = next((v for k, v in kw.get("alpha_pattern", {}).items() if module.endswith(k)), kw["lora_alpha"])
+    return lora_scaling(alpha, r, kw.get("use_rslora", False))
+
+
+# Three LoRA adapters with different ranks, alphas, rsLoRA, rank/alpha patterns, and target modules
+# that only partly overlap.
 LLAMA_LORA = {
     "task": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
     "ref_en": {"r": 2, "lora_alpha": 3, "target_modules": ["q_proj", "down_proj", "up_proj"], "use_rslora": True},
-    "ref_sw": {"r": 6, "lora_alpha": 5, "target_modules": ["q_proj", "v_proj", "k_proj", "up_proj"]},
-}
-LLAMA_LORA_SCALING = {
-    name: lora_scaling(kw["lora_alpha"], kw["r"], kw.get("use_rslora", False)) for name, kw in LLAMA_LORA.items()
+    "ref_sw": {
+        "r": 6,
+        "lora_alpha": 5,
+        "target_modules": ["q_proj", "v_proj", "k_proj", "up_proj"],
+        "rank_pattern": {"k_proj": 3},
+        "alpha_pattern": {"up_proj": 7},
+    },
 }
 
 GPT2_LORA = {
@@ -101,15 +113,19 @@ GPT2_LORA = {
     "ref_en": {"r": 3, "lora_alpha": 4, "target_modules": ["c_attn"], "fan_in_fan_out": True, "use_rslora": True},
     "ref_sw": {"r": 2, "lora_alpha": 2, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True},
 }
-GPT2_LORA_SCALING = {
-    name: lora_scaling(kw["lora_alpha"], kw["r"], kw.get("use_rslora", False)) for name, kw in GPT2_LORA.items()
-}
 
 # Same rank and alpha everywhere: what the factor-level formulas (factorwise, arimerge, cross) need.
 LLAMA_LORA_UNIFORM = {
     "task": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "ref_en": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "ref_sw": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]},
+}
+
+# (IA)^3 on GPT-2: c_attn (attention, with a bias) and mlp.c_proj (feed-forward), Conv1D layers.
+GPT2_IA3 = {
+    "task": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
+    "ref_en": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
+    "ref_sw": {"target_modules": ["c_attn"], "feedforward_modules": []},
 }
 
 # (IA)^3 on attention (k, v) and feed-forward (down) modules, partly overlapping.
