@@ -41,10 +41,10 @@ CASES = ("ours_exact", "ours_svd", "ours_factorwise", "peft_cat", "official_loop
 
 def prepare(root: Path, n_layers: int, dtype_name: str, modules=tuple(C.LORA_MODULES)) -> dict[str, Path]:
     dtype = C.dtype_of(dtype_name)
+    config = C.lora_config()
+    config.target_modules = list(modules)
     return {
-        role: C.write_adapter(
-            root / role, C.lora_config(), C.make_lora_state_dict(n_layers, dtype, seed, modules=modules)
-        )
+        role: C.write_adapter(root / role, config, C.make_lora_state_dict(n_layers, dtype, seed, modules=modules))
         for role, seed in (("T", 1), ("Rs", 2), ("Rg", 3))
     }
 
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; --quick: 4)")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--no-peft-svd", action="store_true", help="skip the single-module PEFT svd run")
+    parser.add_argument("--only-peft-svd", action="store_true", help="run only the single-module svd comparison")
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
     result = {"benchmark": "merge_in_model", "layers": args.layers, "reps": args.reps, "env": env, "dtypes": {}}
     rows = []
     try:
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in [] if args.only_peft_svd else args.dtypes.split(","):
             dirs = prepare(root / dtype_name, args.layers, dtype_name)
             model = build_model(dirs, args.layers, dtype_name)
             times, mem, cuda = {}, {}, {}
@@ -206,12 +207,13 @@ def main() -> None:
                 "goal_mem_within_1.2x_output": mem["ours_exact"] / out_bytes <= GOAL_MEMORY,
             }
             print(f"[{dtype_name}] output adapter (exact, rank 24): {C.mib(out_bytes):.1f} MiB")
-        C.print_table(
-            f"{args.layers} layers; median of {args.reps} runs after 1 warm-up (seconds); "
-            "x cat = median / peft_cat median; x out = peak extra RSS / size of the exact (rank-24) output adapter",
-            ["dtype", "route", "median s", "min-max s", "x cat", "peak extra RSS MiB", "x out", "CUDA peak MiB"],
-            rows,
-        )
+        if rows:
+            C.print_table(
+                f"{args.layers} layers; median of {args.reps} runs after 1 warm-up (seconds); "
+                "x cat = median / peft_cat median; x out = peak extra RSS / size of the exact (rank-24) output adapter",
+                ["dtype", "route", "median s", "min-max s", "x cat", "peak extra RSS MiB", "x out", "CUDA peak MiB"],
+                rows,
+            )
         if not args.quick and not args.no_peft_svd:
             result["one_module_svd"] = one_module_svd(root, args)
     finally:
