@@ -513,3 +513,22 @@ def test_saved_ia3_adapter_loads_in_plain_peft(tmp_path, llama_ia3):
     model.save_pretrained(str(tmp_path / "out"), selected_adapters=["task_sw"])
     tiny.tiny_llama().save_pretrained(str(tmp_path / "base"))
     _check_fresh_process(tmp_path, tmp_path / "out" / "task_sw", ids, want)
+
+
+def test_exact_agrees_with_peft_cat_where_peft_is_exact():
+    """An independent oracle: PEFT's add_weighted_adapter(cat) with weights [1, t, -t].
+
+    (Without rsLoRA: PEFT 0.21.2 over-scales cat results of rsLoRA sources.)
+    """
+    spec = {name: {k: v for k, v in kw.items() if k != "use_rslora"} for name, kw in tiny.LLAMA_LORA.items()}
+    model = tiny.lora_model(tiny.tiny_llama(), spec)
+    t = 0.55
+    model.merge_crosslingual(cfg(t=t), "ours")
+    model.add_weighted_adapter([T, RG, RS], [1.0, t, -t], "peft_cat", combination_type="cat")
+    checked = 0
+    for layer in lora_layers(model).values():
+        if "ours" in layer.lora_A:
+            ours, theirs = layer.get_delta_weight("ours"), layer.get_delta_weight("peft_cat")
+            assert rel(ours, theirs.double()) < 1e-5
+            checked += 1
+    assert checked > 0
