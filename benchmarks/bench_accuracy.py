@@ -94,7 +94,9 @@ def lora_part(dtype_name: str, modules, t: float, rows: list, result: dict) -> N
         return sd[key + ".lora_A.weight"].double(), sd[key + ".lora_B.weight"].double(), scaling
 
     for method, strategy in LORA_CASES:
-        cfg = C.adamergex_config(method=method, lora_strategy=strategy, t=t, svd_rank=3 * C.RANK)
+        cfg = C.adamergex_config(
+            method=method, lora_strategy=strategy, t=t, svd_rank=3 * C.RANK if strategy == "svd" else None
+        )
         res = merge_state_dicts(*(AdapterWeights(r, C.lora_config(), sds[r]) for r in ("T", "Rs", "Rg")), cfg)
         s_out = res.peft_config.lora_alpha / res.peft_config.r
         err = 0.0

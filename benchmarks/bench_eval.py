@@ -188,14 +188,17 @@ def run_cli(fx: dict, args, launcher: list[str], env: dict) -> dict:
         for route in ROUTES:
             margs = dict(model_args(route, fx))
             batch = margs.pop("batch_size")
+            device = margs.pop("device")  # a CLI option of its own (lm-eval passes it to the model)
             model = "adamergex" if route == "adamergex" else "hf"
             cmd = [
                 *launcher, "--model", model, "--model_args", ",".join(f"{k}={v}" for k, v in margs.items()),
                 "--tasks", "bench_mc", "--include_path", str(fx["tasks"]), "--limit", str(args.limit),
-                "--batch_size", str(batch),
+                "--batch_size", str(batch), "--device", device,
             ]  # fmt: skip
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             times[route].append(time.perf_counter() - start)
     med = {r: C.median(v) for r, v in times.items()}
     C.print_table(
