@@ -129,6 +129,7 @@ def make_evaluator(
     seed: int = 1234,
     gen_kwargs: str | dict | None = None,
     verbosity: str | None = None,
+    progress: bool = True,
 ) -> Callable[[Any], dict[str, Any]]:
     """Return ``evaluate(model) -> summary`` running lm-eval's Python API on an in-memory model.
 
@@ -141,7 +142,8 @@ def make_evaluator(
 
     ``include_defaults`` defaults to ``False`` when ``include_path`` is given and every requested
     task is found there (skipping lm-eval's ~10k built-in tasks), else ``True``. ``verbosity``
-    (e.g. ``"ERROR"``) is passed to lm-eval, which sets its own loggers' level with it.
+    (e.g. ``"ERROR"``) is passed to lm-eval, which sets its own loggers' level with it;
+    ``progress=False`` hides lm-eval's per-request progress bars.
     """
     import random
 
@@ -176,11 +178,13 @@ def make_evaluator(
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=seed)
 
+    lm_class = HFLM if progress else _quiet_hflm_class()
+
     def evaluate(model) -> dict[str, Any]:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval_evaluate(
             lm=lm,
             task_dict=loaded,
@@ -194,6 +198,23 @@ def make_evaluator(
         return summarize_lm_eval(results, tasks, metric)
 
     return evaluate
+
+
+def _quiet_hflm_class():
+    """``HFLM`` with its request progress bars off (``evaluate`` calls them without ``disable_tqdm``)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def _atomic_write_text(text: str, path: Path) -> None:

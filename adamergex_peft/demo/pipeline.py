@@ -44,24 +44,26 @@ TABLE_TXT = "demo_table.txt"
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Every size of the demo (the defaults fit in a few minutes on 2 CPU cores)."""
+    """Every size of the demo (the defaults take a few minutes on 2 CPU cores)."""
 
     num_targets: int = 2
-    pretrain_sentences: int = 6000  # per language
-    reference_sentences: int = 2000  # per language, text the reference windows are cut from
+    pretrain_sentences: int = 4000  # lines per language
+    reference_sentences: int = 1500  # lines per language the reference windows are cut from
     window_size: int = 64  # words per reference window (the paper: 512)
-    reference_windows: int = 160  # per language
-    task_train: int = 400  # labelled examples per language (source: task adapter; targets: oracle)
+    reference_windows: int = 120  # per language
+    task_train: int = 300  # labelled examples per language (source: task adapter; targets: oracle)
     task_test: int = 200  # per language
     lm: TinyLMSize = field(
-        default_factory=lambda: TinyLMSize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
+        default_factory=lambda: TinyLMSize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256)
     )
-    pretrain_epochs: float = 2.0
-    pretrain_lr: float = 3e-3
-    pretrain_block: int = 128
-    adapter_epochs: float = 2.0
-    lora_lr: float | None = None  # None: the cpu-small-lora recipe's
-    ia3_lr: float | None = None  # None: the cpu-small-ia3 recipe's
+    pretrain_epochs: float = 5.0
+    pretrain_lr: float = 1e-2
+    pretrain_block: int = 64
+    pretrain_batch: int = 16
+    adapter_epochs: float = 8.0  # task and oracle adapters
+    reference_epochs: float = 2.0  # reference adapters
+    lora_lr: float | None = 1e-2  # None: the cpu-small-lora recipe's
+    ia3_lr: float | None = 1e-1  # None: the cpu-small-ia3 recipe's
     eval_batch_size: int = 64
     families: tuple[str, ...] = ("lora", "ia3")
 
@@ -71,15 +73,16 @@ class DemoSize:
 
 QUICK = DemoSize(
     num_targets=1,
-    pretrain_sentences=1200,
-    reference_sentences=600,
+    pretrain_sentences=800,
+    reference_sentences=400,
     window_size=32,
-    reference_windows=40,
-    task_train=128,
+    reference_windows=30,
+    task_train=96,
     task_test=48,
-    lm=TinyLMSize(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-    pretrain_epochs=1.0,
-    adapter_epochs=1.0,
+    lm=TinyLMSize(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=128),
+    pretrain_epochs=2.0,
+    adapter_epochs=2.0,
+    reference_epochs=1.0,
 )
 SIZES: dict[str, DemoSize] = {"full": DemoSize(), "quick": QUICK}
 
@@ -174,10 +177,11 @@ class DemoResult:
     settings: dict[str, Any]
     source: str
     targets: list[str]
-    scores: dict[str, dict[str, dict[str, float]]]  # family -> row -> lang -> accuracy
+    scores: dict[str, dict[str, dict[str, float | None]]]  # family -> row -> lang -> accuracy (None: merge refused)
     source_scores: dict[str, float]  # family -> task adapter's accuracy on the source test set
     training: dict[str, Any]
     timings: dict[str, float]
+    errors: list[dict[str, str]] = field(default_factory=list)
 
     def rows(self) -> list[dict[str, Any]]:
         """Table rows: family, method, per-language scores, mean, share of the gap closed."""
@@ -195,6 +199,7 @@ class DemoResult:
             "table": self.rows(),
             "training": self.training,
             "timings": self.timings,
+            "errors": self.errors,
         }
 
 
@@ -236,6 +241,7 @@ def run_demo(
     from peft import PeftModel
 
     import adamergex_peft  # noqa: F401  (attaches PeftModel.merge_crosslingual*)
+    from adamergex_peft import AdaMergeXError
     from adamergex_peft.data import build_reference_data, read_jsonl
     from adamergex_peft.demo.lm import build_tiny_llama, pretrain_causal_lm
     from adamergex_peft.demo.tokenizer import build_word_tokenizer
@@ -290,6 +296,7 @@ def run_demo(
             pretrain_text,
             str(output / "pretrain_checkpoints"),
             max_length=size.pretrain_block,
+            batch_size=size.pretrain_batch,
             epochs=size.pretrain_epochs,
             learning_rate=size.pretrain_lr,
             seed=seed,
@@ -347,7 +354,7 @@ def run_demo(
             config = resolve_config(
                 f"cpu-small-{family}",
                 {
-                    "num_train_epochs": size.adapter_epochs,
+                    "num_train_epochs": size.reference_epochs if kind == "reference" else size.adapter_epochs,
                     "seed": seed,
                     "full_determinism": True,
                     "logging_steps": 1,
@@ -377,8 +384,9 @@ def run_demo(
     # 5. Evaluation through lm-eval, merging into the base weights and undoing, as `adamergex sweep` does.
     tasks_dir = output / "tasks"
     task_names = {lang: write_task_yaml(tasks_dir, lang, world / f"{lang}.test.jsonl") for lang in languages}
-    scores: dict[str, dict[str, dict[str, float]]] = {}
+    scores: dict[str, dict[str, dict[str, float | None]]] = {}
     source_scores: dict[str, float] = {}
+    errors: list[dict[str, str]] = []
     evaluators = {
         lang: make_evaluator(
             tokenizer,
@@ -388,6 +396,7 @@ def run_demo(
             batch_size=size.eval_batch_size,
             seed=seed,
             verbosity=None if progress else "ERROR",
+            progress=progress,
         )
         for lang in languages
     }
@@ -404,17 +413,25 @@ def run_demo(
             }
         for lang in targets:
             eval_dir = output / "eval" / f"{family}_{lang}"
-            points = [SweepPoint(m, None if m in ("task_only", "arimerge") else float(t)) for m in MERGE_METHODS]
-            results = evaluate_points(
-                peft_model,
-                points,
-                evaluators[lang],
-                SweepResults(settings={"family": family, "lang": lang}),
-                eval_dir,
-                adapters=("task", f"ref_{source}", f"ref_{lang}"),
-                progress=progress,
-                plot=False,
-            )
+            done = SweepResults(settings={"family": family, "lang": lang})
+            for method in MERGE_METHODS:
+                point = SweepPoint(method, None if method in ("task_only", "arimerge") else float(t))
+                try:
+                    evaluate_points(
+                        peft_model,
+                        [point],
+                        evaluators[lang],
+                        done,
+                        eval_dir,
+                        adapters=("task", f"ref_{source}", f"ref_{lang}"),
+                        progress=progress,
+                        plot=False,
+                    )
+                    table.setdefault(method, {})[lang] = done.points[-1]["score"]
+                except AdaMergeXError as err:  # e.g. an (IA)^3 reference vector at or below zero
+                    table.setdefault(method, {})[lang] = None
+                    errors.append({"family": family, "method": method, "lang": lang, "error": str(err)})
+                    say(f"  {family} {method} {lang}: merge refused: {err}")
             oracle = evaluate_points(
                 peft_model,
                 [SweepPoint("task_only", None)],
@@ -425,8 +442,6 @@ def run_demo(
                 progress=progress,
                 plot=False,
             )
-            for point in results.points:
-                table.setdefault(point["method"], {})[lang] = point["score"]
             table.setdefault("oracle", {})[lang] = oracle.points[0]["score"]
         src_eval = evaluate_points(
             peft_model,
@@ -461,6 +476,7 @@ def run_demo(
         source_scores=source_scores,
         training=training,
         timings=timings,
+        errors=errors,
     )
     timings["total"] = round(sum(timings.values()), 2)
     from adamergex_peft.demo.report import write_outputs

@@ -25,9 +25,14 @@ def table_rows(result: DemoResult) -> list[dict[str, Any]]:
     """One row per (family, method): per-language accuracy, mean, and the gap share on the mean."""
     rows = []
     for family, table in result.scores.items():
-        means = {method: sum(v.values()) / len(v) for method, v in table.items()}
+        means = {
+            method: None if any(x is None for x in v.values()) else sum(v.values()) / len(v)
+            for method, v in table.items()
+        }
         for method, per_lang in table.items():
-            share = gap_share(means[method], means["task_only"], means["oracle"])
+            share = None
+            if None not in (means[method], means["task_only"], means["oracle"]):
+                share = gap_share(means[method], means["task_only"], means["oracle"])
             rows.append(
                 {
                     "family": family,
@@ -38,6 +43,10 @@ def table_rows(result: DemoResult) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _pct(value: float | None) -> str:
+    return "error" if value is None else f"{100 * value:.1f}"
 
 
 def format_table(result: DemoResult) -> str:
@@ -53,8 +62,8 @@ def format_table(result: DemoResult) -> str:
             [
                 FAMILY_LABELS.get(row["family"], row["family"]),
                 row["method"],
-                *[f"{100 * row['scores'][lang]:.1f}" for lang in targets],
-                f"{100 * row['mean']:.1f}",
+                *[_pct(row["scores"][lang]) for lang in targets],
+                _pct(row["mean"]),
                 share_text,
             ]
         )
@@ -103,7 +112,8 @@ def chart_png(result: DemoResult) -> bytes:
         width = 0.8 / max(1, len(result.targets))
         for j, lang in enumerate(result.targets):
             xs = [i + (j - (len(result.targets) - 1) / 2) * width for i in range(len(methods))]
-            ax.bar(xs, [100 * table[m][lang] for m in methods], width=width, label=lang)
+            heights = [0.0 if table[m][lang] is None else 100 * table[m][lang] for m in methods]
+            ax.bar(xs, heights, width=width, label=lang)
         ax.axhline(25, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels([m.replace(" (no adapter)", "") for m in methods], rotation=30, ha="right", fontsize=8)

@@ -12,6 +12,8 @@ says that someone likes a topic. The same meaning can be rendered in every langu
 * ``tgB``: another vocabulary, verb-subject-object order, an object-case particle after the
   object, plural as a particle before the noun.
 
+Half of the action sentences in the unlabelled text are followed by "<subject> likes <topic> .",
+so the text says which topic an action belongs to (world knowledge, present in every language).
 Names and punctuation are shared by all languages (as names and digits are in real languages);
 everything else differs. The labelled task is topic classification: ``<sentence> <topic-word> :``
 is answered by the topic in the same language; the task has labels only in the source language
@@ -222,9 +224,22 @@ def sample_meanings(n: int, seed: int, topic_sentence_rate: float = 0.15) -> Ite
         )
 
 
-def unlabelled_text(language: Language, n_sentences: int, seed: int) -> list[str]:
-    """Plain sentences in ``language`` (the pretraining and reference-task text)."""
-    return [language.render(m) for m in sample_meanings(n_sentences, seed)]
+def unlabelled_text(language: Language, n_lines: int, seed: int, follow_up_rate: float = 0.5) -> list[str]:
+    """Plain text in ``language`` (the pretraining and reference-task text), one line per item.
+
+    With probability ``follow_up_rate`` an action sentence is followed by "<subject> likes
+    <topic> ." for the action's topic: the text itself says which topic each action belongs to,
+    as real text carries world knowledge, in every language alike.
+    """
+    rng = random.Random(seed + 1)
+    lines = []
+    for meaning in sample_meanings(n_lines, seed):
+        line = language.render(meaning)
+        if not meaning.topic_only and rng.random() < follow_up_rate:
+            follow = Meaning(subject=meaning.subject, verb="likes", obj=meaning.topic, topic_only=True)
+            line = f"{line} {language.render(follow)}"
+        lines.append(line)
+    return lines
 
 
 def task_examples(language: Language, n: int, seed: int) -> list[dict]:
