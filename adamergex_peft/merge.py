@@ -116,10 +116,15 @@ def _check_config(adapter: AdapterWeights) -> None:
             )
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Exact and cheap: ``amax`` propagates NaN, and an infinite entry makes the maximum infinite."""
+    return tensor.numel() == 0 or bool(torch.isfinite(tensor.abs().amax()))
+
+
 def _check_finite(adapter: AdapterWeights, key: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         raise AdaMergeXError(f"adapter {adapter.name!r}, tensor {key!r}: dtype {tensor.dtype} is not floating point.")
-    if not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         n_bad = int((~torch.isfinite(tensor)).sum())
         raise AdaMergeXError(f"adapter {adapter.name!r}, tensor {key!r}: {n_bad} NaN/Inf values.")
 
@@ -195,40 +200,45 @@ def _roles(config: AdaMergeXConfig) -> dict[str, float]:
     }[config.method]
 
 
-# A LoRA combine function takes the module's factors by role, the weight of each role, the config
-# and the output rank (used by svd), and returns ((A, B), kept energy or None).
-def _combine_lora_exact(mods, weights, config, rank):
+# A LoRA combine function takes the module's factors by role (on the output device, in their own
+# dtype), the weight of each role, the config, the output rank and dtype, and returns
+# ((A, B), kept energy or None) with A: rank x in, B: out x rank, in the output dtype. Factor-level
+# formulas compute in float32; the stacked exact result is written straight into its output.
+def _combine_lora_exact(mods, weights, config, rank, dtype):
     factors = [(mods[r].a, mods[r].b, mods[r].scaling) for r in weights]
-    return mu.lora_stack(factors, [weights[r] for r in weights]), None
+    return mu.lora_stack(factors, [weights[r] for r in weights], rank=rank, dtype=dtype), None
 
 
-def _combine_lora_svd(mods, weights, config, rank):
-    (a, b), _ = _combine_lora_exact(mods, weights, config, rank)
+def _combine_lora_svd(mods, weights, config, rank, dtype):
+    (a, b), _ = _combine_lora_exact(mods, weights, config, None, torch.float32)
     a, b, kept = mu.lora_svd(a, b, rank)
-    return (a, b), kept
+    return (a.to(dtype), b.to(dtype)), kept
 
 
-def _zeros_like_present(mods: dict[str, _LoraModule], role: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of ``role``, or zeros of the common shape when the module is missing from that adapter."""
+def _factors32(mods: dict[str, _LoraModule], role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 factors of ``role``, or zeros of the common shape when the module is missing from it."""
     if role in mods:
-        return mods[role].a, mods[role].b
+        return mods[role].a.float(), mods[role].b.float()
     ref = next(iter(mods.values()))
-    return torch.zeros_like(ref.a), torch.zeros_like(ref.b)
+    return torch.zeros_like(ref.a, dtype=torch.float32), torch.zeros_like(ref.b, dtype=torch.float32)
 
 
-def _combine_lora_factorwise(mods, weights, config, rank):
+def _combine_lora_factorwise(mods, weights, config, rank, dtype):
     roles = list(weights)
-    a = mu.linear_combination([_zeros_like_present(mods, r)[0] for r in roles], [weights[r] for r in roles])
-    b = mu.linear_combination([_zeros_like_present(mods, r)[1] for r in roles], [weights[r] for r in roles])
-    return (a, b), None
+    pairs = [_factors32(mods, r) for r in roles]
+    coefficients = [weights[r] for r in roles]
+    a = mu.linear_combination([p[0] for p in pairs], coefficients)
+    b = mu.linear_combination([p[1] for p in pairs], coefficients)
+    return (a.to(dtype), b.to(dtype)), None
 
 
-def _combine_lora_arimerge(mods, weights, config, rank):
+def _combine_lora_arimerge(mods, weights, config, rank, dtype):
     c0, c1 = config.arimerge_weights
-    return mu.arimerge_lora(*(_zeros_like_present(mods, r) for r in ("T", "Rg", "Rs")), c0, c1), None
+    a, b = mu.arimerge_lora(*(_factors32(mods, r) for r in ("T", "Rg", "Rs")), c0, c1)
+    return (a.to(dtype), b.to(dtype)), None
 
 
-def _combine_lora_cross(mods, weights, config, rank):
+def _combine_lora_cross(mods, weights, config, rank, dtype):
     # A module missing from an adapter has no factors to divide or multiply; the element-wise
     # analogy is only defined where all three adapters train the module.
     if len(mods) != 3:
@@ -236,7 +246,8 @@ def _combine_lora_cross(mods, weights, config, rank):
         raise AdaMergeXError(
             f"method 'cross' needs the module in all three adapters; missing from {', '.join(missing)}"
         )
-    return mu.elementwise_multiplicative_factors(*((mods[r].a, mods[r].b) for r in ("T", "Rg", "Rs")), config.t), None
+    a, b = mu.elementwise_multiplicative_factors(*(_factors32(mods, r) for r in ("T", "Rg", "Rs")), config.t)
+    return (a.to(dtype), b.to(dtype)), None
 
 
 def _combine_ia3_multiplicative(vecs, weights, config):
@@ -399,42 +410,31 @@ def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
     uniform = None
     if representation == "uniform":
         uniform = _uniform_rank_and_scaling(parsed, used, config)
-    svd_rank = config.svd_rank or task_cfg.r
+        out_rank = uniform[0]
+    elif representation == "svd":
+        out_rank = config.svd_rank or task_cfg.r
+    else:  # stacked: the largest sum of ranks; modules trained by fewer adapters are zero-padded
+        out_rank = max(sum(parsed[r][m].rank for r in parsed if m in parsed[r]) for m in modules)
 
-    out_rank = {"stacked": 0, "svd": svd_rank, "uniform": uniform[0] if uniform else 0}[representation]
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    state_dict: dict[str, torch.Tensor] = {}
     kept: dict[str, float] = {}
     for module in modules:
         present = {r: parsed[r][module] for r in parsed if module in parsed[r]}
         _check_shapes(
             module, {r: (m.a.shape[1], m.b.shape[0]) for r, m in present.items()}, used, "(in, out) features"
         )
-        mods = {
-            r: _LoraModule(
-                m.a.to(device=device, dtype=torch.float32), m.b.to(device=device, dtype=torch.float32), m.scaling
-            )
-            for r, m in present.items()
-        }
+        mods = {r: _LoraModule(m.a.to(device), m.b.to(device), m.scaling) for r, m in present.items()}
         module_weights = {r: w for r, w in weights.items() if r in mods or representation == "uniform"}
         try:
-            (a, b), kept_share = combine(mods, module_weights, config, svd_rank)
+            (a, b), kept_share = combine(mods, module_weights, config, out_rank, dtype)
         except AdaMergeXError as err:
             raise _module_error(module, err, used) from None
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        if not (_all_finite(a) and _all_finite(b)):
             raise _module_error(module, f"the {config.method} merge of T, Rg, Rs produced NaN/Inf values", used)
         if kept_share is not None:
             kept[_module_target_name(module)] = kept_share
-        results[module] = (a, b)
-        if representation == "stacked":
-            out_rank = max(out_rank, a.shape[0])
-
-    state_dict: dict[str, torch.Tensor] = {}
-    for module, (a, b) in results.items():
-        if a.shape[0] < out_rank:  # partial overlap: pad with zero rank components
-            a = torch.cat([a, a.new_zeros(out_rank - a.shape[0], a.shape[1])], dim=0)
-            b = torch.cat([b, b.new_zeros(b.shape[0], out_rank - b.shape[1])], dim=1)
-        state_dict[module + LORA_SUFFIXES[0]] = a.to(dtype).contiguous()
-        state_dict[module + LORA_SUFFIXES[1]] = b.to(dtype).contiguous()
+        state_dict[module + LORA_SUFFIXES[0]] = a.contiguous()
+        state_dict[module + LORA_SUFFIXES[1]] = b.contiguous()
 
     if representation == "uniform":
         rank, scaling = uniform
@@ -504,7 +504,7 @@ def _merge_ia3(used, weights, config, device, dtype) -> MergeResult:
             out = combine(vecs, weights, config)
         except AdaMergeXError as err:
             raise _module_error(module, err, used) from None
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise _module_error(module, f"the {config.method} merge of T, Rg, Rs produced NaN/Inf values", used)
         state_dict[module + IA3_SUFFIX] = out.to(dtype).contiguous()
         vec = next(iter(present.values()))

@@ -28,7 +28,11 @@ IA3_MIN_DENOMINATOR = 1e-6
 
 # --------------------------------------------------------------------------------------------- LoRA
 def lora_stack(
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]], weights: Sequence[float]
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    weights: Sequence[float],
+    *,
+    rank: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Represent ``sum_i w_i * s_i * B_i @ A_i`` exactly as one LoRA factor pair with scaling 1.
 
@@ -38,19 +42,35 @@ def lora_stack(
         B = [B_1, B_2, ...]                        out x (sum_i r_i)
         B @ A = sum_i w_i s_i B_i A_i
 
-    For AdaMergeX, ``factors = [T, Rg, Rs]`` and ``weights = [1, t, -t]``.
+    For AdaMergeX, ``factors = [T, Rg, Rs]`` and ``weights = [1, t, -t]``. Each ``w_i s_i A_i`` is
+    computed at float32 precision (or the inputs' own, if higher) and rounded once into the output.
 
     Args:
         factors: ``(A_i, B_i, s_i)`` per adapter; ``A_i`` is ``r_i x in``, ``B_i`` is ``out x r_i``.
         weights: the coefficient ``w_i`` of each adapter.
+        rank: rank of the result (default ``sum_i r_i``); extra rank components are zero.
+        dtype: dtype of the result (default: that of ``A_1``).
 
     Returns:
-        ``(A, B)`` with rank ``sum_i r_i``.
+        ``(A, B)``, written directly into freshly allocated output tensors.
     """
     if len(factors) != len(weights) or not factors:
         raise ValueError("lora_stack needs one weight per factor pair and at least one pair")
-    a = torch.cat([a_i * (float(w) * float(s)) for (a_i, _, s), w in zip(factors, weights)], dim=0)
-    b = torch.cat([b_i for _, b_i, _ in factors], dim=1)
+    total = sum(a_i.shape[0] for a_i, _, _ in factors)
+    rank = total if rank is None else rank
+    if rank < total:
+        raise ValueError(f"rank {rank} is smaller than the stacked rank {total}")
+    a_first, b_first, _ = factors[0]
+    dtype = dtype or a_first.dtype
+    a = a_first.new_zeros((rank, a_first.shape[1]), dtype=dtype)
+    b = b_first.new_zeros((b_first.shape[0], rank), dtype=dtype)
+    offset = 0
+    for (a_i, b_i, s), w in zip(factors, weights):
+        r = a_i.shape[0]
+        # bf16/fp16 tensor-scalar products are computed in float32 and rounded once
+        torch.mul(a_i, float(w) * float(s), out=a[offset : offset + r])
+        b[:, offset : offset + r].copy_(b_i)
+        offset += r
     return a, b
 
 

@@ -31,8 +31,8 @@ from adamergex_peft.merge import (
 
 logger = logging.getLogger(__name__)
 
-#: Largest float32 temporary (in elements) used when adding an update to a non-float32 weight.
-_CHUNK_ELEMENTS = 1 << 24
+#: Size (in elements) of the float32 buffer used to add an update to a non-float32 weight in row blocks.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _check_peft_model(model) -> None:
@@ -144,18 +144,24 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
 def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
     """``weight += alpha * left @ right`` in place, accumulating in float32.
 
-    A float32 weight gets one ``addmm_``; another dtype is updated in row blocks whose float32
-    temporaries stay below ``_CHUNK_ELEMENTS`` elements.
+    A float32 weight gets one ``addmm_``; another dtype is updated in row blocks through one reused
+    float32 buffer of at most ``_CHUNK_ELEMENTS`` elements (a single rounding per weight entry).
     """
     left = left.to(device=weight.device, dtype=torch.float32)
     right = right.to(device=weight.device, dtype=torch.float32)
     if weight.dtype == torch.float32:
         weight.addmm_(left, right, alpha=alpha)
         return
-    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    cols = weight.shape[1]
+    rows = max(1, min(weight.shape[0], _CHUNK_ELEMENTS // max(1, cols)))
+    buffer = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], rows):
         block = weight[start : start + rows]
-        block.copy_(torch.addmm(block.float(), left[start : start + rows], right, alpha=alpha))
+        n = block.shape[0]
+        work = buffer[:n]
+        work.copy_(block)
+        work.addmm_(left[start : start + n], right, alpha=alpha)
+        block.copy_(work)
 
 
 @dataclass

@@ -131,3 +131,28 @@ def test_cross_lora_is_elementwise_multiplicative():
 def test_lora_scaling():
     assert mu.lora_scaling(16, 8, False) == 2.0
     assert mu.lora_scaling(16, 4, True) == 8.0
+
+
+def test_lora_stack_pads_and_rounds_once_into_the_output_dtype():
+    factors = [
+        (rand(3, 10, seed=1).bfloat16(), rand(6, 3, seed=2).bfloat16(), 0.7),
+        (rand(2, 10, seed=3), rand(6, 2, seed=4), 1.3),
+    ]
+    a, b = mu.lora_stack(factors, [1.0, -0.4], rank=8, dtype=torch.bfloat16)
+    assert a.dtype == b.dtype == torch.bfloat16 and a.shape == (8, 10) and b.shape == (6, 8)
+    assert torch.equal(a[:3], (factors[0][0].float() * 0.7).bfloat16())  # one rounding of the float32 product
+    assert torch.equal(a[3:5], (factors[1][0] * (-0.4 * 1.3)).bfloat16())
+    assert torch.count_nonzero(a[5:]) == 0 and torch.count_nonzero(b[:, 5:]) == 0
+    with pytest.raises(ValueError, match="smaller than the stacked rank"):
+        mu.lora_stack(factors, [1.0, 1.0], rank=4)
+
+
+def test_finite_check_is_exact():
+    from adamergex_peft.merge import _all_finite
+
+    x = rand(4, 5, seed=0)
+    assert _all_finite(x) and _all_finite(torch.empty(0, 3))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        assert not _all_finite(y) and not _all_finite(y.bfloat16())
