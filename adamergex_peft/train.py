@@ -455,6 +455,7 @@ def train_adapter(
     Returns:
         A :class:`TrainResult` with the logged losses.
     """
+    import torch
     import transformers
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -521,6 +522,7 @@ def train_adapter(
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
         **({"gradient_checkpointing": True} if config.gradient_checkpointing else {}),
     )

@@ -94,6 +94,39 @@ def test_text_dir_layout_is_checked(tmp_path):
         run_demo(tmp_path / "out", size=TINY, text_dir=tmp_path)
 
 
+def test_own_data_folder_and_base_model(tmp_path):
+    """--text-dir and --base-model: the same pipeline on a given folder and model (no pretraining)."""
+    from adamergex_peft.demo.lm import build_tiny_llama
+    from adamergex_peft.demo.pipeline import read_lines, write_synthetic_world
+    from adamergex_peft.demo.tokenizer import build_word_tokenizer
+
+    size = replace(TINY, families=("lora",))
+    source, targets = write_synthetic_world(tmp_path / "mydata", size, seed=1)
+    lines = [line for lang in (source, *targets) for line in read_lines(tmp_path / "mydata" / f"{lang}.txt")]
+    lines += [
+        json.loads(x)["prompt"] + json.loads(x)["completion"]
+        for x in (tmp_path / "mydata" / f"{targets[0]}.train.jsonl").open()
+    ]
+    lines += [
+        json.loads(x)["prompt"] + json.loads(x)["completion"]
+        for x in (tmp_path / "mydata" / f"{source}.train.jsonl").open()
+    ]
+    tokenizer = build_word_tokenizer(lines)
+    build_tiny_llama(tokenizer, size.lm).save_pretrained(tmp_path / "mybase")
+    tokenizer.save_pretrained(tmp_path / "mybase")
+    result = run_demo(
+        tmp_path / "out",
+        size=size,
+        base_model=str(tmp_path / "mybase"),
+        text_dir=tmp_path / "mydata",
+        source=source,
+        targets=targets,
+    )
+    assert result.settings["base_model"] == str(tmp_path / "mybase") and set(result.scores) == {"lora"}
+    assert result.training["pretrain_losses"] == [] and not (tmp_path / "out" / "base_model").exists()
+    assert not (tmp_path / "out" / "world").exists()  # the given folder is used as is
+
+
 @pytest.mark.slow
 def test_full_demo(tmp_path):
     result = run_demo(tmp_path / "full")

@@ -70,6 +70,7 @@ def pretrain_causal_lm(
     Texts are packed into blocks of ``max_length`` tokens (each text starts with BOS and ends with
     EOS). Returns the logged ``(step, loss)`` pairs; ``model`` is trained in place.
     """
+    import torch
     import transformers
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -103,6 +104,7 @@ def pretrain_causal_lm(
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id))
