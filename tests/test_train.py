@@ -236,3 +236,26 @@ def test_train_cli(tmp_path, base_dir, capsys):
         main(["train", "--base-model", str(base_dir), "--data", str(data), "--output", str(out), "--set", "nope=1"])
         == 2
     )
+
+
+def test_encoder_decoder_ia3(tmp_path, tokenizer):
+    """T5 (the paper's (IA)^3 backbone ablation): prompt -> encoder, completion -> labels."""
+    from peft import PeftModel
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    result = train_adapter(
+        str(tmp_path / "t5"), _task_rows(16), tmp_path / "t5_ia3", recipe="t5-ia3",
+        overrides={"max_steps": 3, "logging_steps": 1, "save_strategy": "no"}, progress=False,
+    )  # fmt: skip
+    assert result.global_step == 3 and len(result.losses) == 3
+    cfg = json.loads((tmp_path / "t5_ia3" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "IA3" and cfg["task_type"] == "SEQ_2_SEQ_LM"
+    assert set(cfg["target_modules"]) == {"k", "v", "wo"}
+    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(tmp_path / "t5"), tmp_path / "t5_ia3")
+    assert any("ia3_l" in n for n, _ in model.named_parameters())
