@@ -154,16 +154,19 @@ def main() -> None:
             dirs = prepare(root / dtype_name, args.layers, dtype_name)
             model = build_model(dirs, args.layers, dtype_name)
             times, mem, cuda = {}, {}, {}
-            for case in CASES:
-                fn = operation(case, model)
-                times[case] = C.time_reps(
-                    lambda fn=fn: (fn(), synchronize()), args.reps, setup=lambda m=model: drop_merged(m)
-                )
-                if case == "ours_exact":
-                    out_bytes = sum(
-                        p.numel() * p.element_size() for n, p in model.named_parameters() if ".merged." in n
-                    )
-                drop_merged(model)
+            fns = {case: operation(case, model) for case in CASES}
+            # rounds: every case once per round (first round = warm-up), so load drift hits all alike
+            for i in range(args.reps + 1):
+                for case in CASES:
+                    drop_merged(model)
+                    sample = C.time_reps(lambda fn=fns[case]: (fn(), synchronize()), 1, warmup=0)
+                    if i > 0:
+                        times.setdefault(case, []).extend(sample)
+                    if case == "ours_exact":
+                        out_bytes = sum(
+                            p.numel() * p.element_size() for n, p in model.named_parameters() if ".merged." in n
+                        )
+            drop_merged(model)
             model = None
             C.trim_heap()
             for case in CASES:
@@ -209,7 +212,7 @@ def main() -> None:
             print(f"[{dtype_name}] output adapter (exact, rank 24): {C.mib(out_bytes):.1f} MiB")
         if rows:
             C.print_table(
-                f"{args.layers} layers; median of {args.reps} runs after 1 warm-up (seconds); "
+                f"{args.layers} layers; median of {args.reps} runs after 1 warm-up round, cases interleaved (seconds); "
                 "x cat = median / peft_cat median; x out = peak extra RSS / size of the exact (rank-24) output adapter",
                 ["dtype", "route", "median s", "min-max s", "x cat", "peak extra RSS MiB", "x out", "CUDA peak MiB"],
                 rows,

@@ -123,13 +123,17 @@ def main() -> None:
             module_bytes = C.INTERMEDIATE * C.HIDDEN * torch.empty((), dtype=dtype).element_size()
             base = C.build_base(args.layers, dtype, materialize=True)
             times, mem = {}, {}
-            for case in CASES:
-                route = Route(case, base, dirs)
-                times[case] = C.time_reps(route.run, args.reps, setup=route.setup)
-                if route.handle is not None and route.handle.merged:
-                    route.handle.undo()
-                base = route.base if route.model is None else route.model.unload()
-                C.trim_heap()
+            # rounds: every route once per round (first round = warm-up), so load drift hits all alike
+            for i in range(args.reps + 1):
+                for case in CASES:
+                    route = Route(case, base, dirs)
+                    sample = C.time_reps(route.run, 1, warmup=0, setup=route.setup)
+                    if i > 0:
+                        times.setdefault(case, []).extend(sample)
+                    if route.handle is not None and route.handle.merged:
+                        route.handle.undo()
+                    base = route.base if route.model is None else route.model.unload()
+                    C.trim_heap()
             del base, route
             C.trim_heap()
             for case in CASES:
@@ -164,7 +168,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     C.print_table(
-        f"{args.layers} layers; median of {args.reps} runs after 1 warm-up (seconds); speed-up = PEFT route median / "
+        f"{args.layers} layers; median of {args.reps} runs after 1 warm-up round, routes interleaved (seconds); speed-up = PEFT route median / "
         "this median; x module = peak extra RSS / largest module weight (same dtype)",
         ["base dtype", "route", "median s", "min-max s", "speed-up vs PEFT", "peak extra RSS MiB", "x module"],
         rows,
