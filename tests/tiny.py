@@ -54,11 +54,10 @@ def randomize_(model: PeftModel, adapter_name: str, seed: int) -> None:
                     param.copy_(0.2 * torch.randn(param.shape, generator=gen))
 
 
-def lora_model(base, adapters: dict[str, dict], seed: int = 1) -> PeftModel:
-    """A PeftModel with one LoRA adapter per entry of ``adapters`` (name -> LoraConfig kwargs)."""
+def _adapter_model(base, config_cls, adapters: dict[str, dict], seed: int, **defaults) -> PeftModel:
     model = None
     for i, (name, kwargs) in enumerate(adapters.items()):
-        config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kwargs)
+        config = config_cls(**defaults, **kwargs)
         if model is None:
             model = get_peft_model(base, config, adapter_name=name)
         else:
@@ -66,19 +65,16 @@ def lora_model(base, adapters: dict[str, dict], seed: int = 1) -> PeftModel:
         randomize_(model, name, seed + i)
     model.eval()
     return model
+
+
+def lora_model(base, adapters: dict[str, dict], seed: int = 1) -> PeftModel:
+    """A PeftModel with one LoRA adapter per entry of ``adapters`` (name -> LoraConfig kwargs)."""
+    return _adapter_model(base, LoraConfig, adapters, seed, init_lora_weights=False, lora_dropout=0.0)
 
 
 def ia3_model(base, adapters: dict[str, dict], seed: int = 1) -> PeftModel:
-    model = None
-    for i, (name, kwargs) in enumerate(adapters.items()):
-        config = IA3Config(init_ia3_weights=False, **kwargs)
-        if model is None:
-            model = get_peft_model(base, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        randomize_(model, name, seed + i)
-    model.eval()
-    return model
+    """A PeftModel with one (IA)^3 adapter per entry of ``adapters`` (name -> IA3Config kwargs)."""
+    return _adapter_model(base, IA3Config, adapters, seed, init_ia3_weights=False)
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
