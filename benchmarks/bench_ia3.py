@@ -54,7 +54,9 @@ def routes(dtype_name: str, n_layers: int, root: Path, t: float):
     def io_floor():
         for role in ("T", "Rs", "Rg"):
             load_file(str(dirs[role] / "adapter_model.safetensors"))
-        save_file(out_sd, str(root / dtype_name / "floor.safetensors"), metadata={"format": "pt"})
+        target = root / dtype_name / "floor.safetensors"
+        target.unlink(missing_ok=True)  # a fresh file, as merge_adapter_files writes a new folder
+        save_file(out_sd, str(target), metadata={"format": "pt"})
 
     fns = {
         "plain_linear": plain_linear,
