@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from adamergex_peft.config import CONFIG_NAME, AdaMergeXConfig
@@ -86,6 +87,13 @@ def load_adapter_folder(adapter_dir: str | os.PathLike, name: str | None = None)
     Raises:
         AdaMergeXError: missing folder or files, unreadable config, corrupt weights.
     """
+    weights, data = _read_adapter_folder(adapter_dir, name)
+    weights.sha256 = hashlib.sha256(data).hexdigest()
+    return weights
+
+
+def _read_adapter_folder(adapter_dir: str | os.PathLike, name: str | None = None):
+    """:func:`load_adapter_folder` without the checksum; also returns the weights file's bytes."""
     import torch
     from peft import PeftConfig
     from safetensors.torch import load as load_safetensors
@@ -113,7 +121,7 @@ def load_adapter_folder(adapter_dir: str | os.PathLike, name: str | None = None)
         raise AdaMergeXError(f"adapter {name!r}: cannot read {path.name} (corrupt or truncated?): {err}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise AdaMergeXError(f"adapter {name!r}: {path.name} does not hold a dict of tensors.")
-    return AdapterWeights(name, peft_config, state_dict, sha256=hashlib.sha256(data).hexdigest())
+    return AdapterWeights(name, peft_config, state_dict), data
 
 
 def merge_adapter_files(
@@ -171,19 +179,26 @@ def merge_adapter_files(
 
     names = {role: str(path) for role, path in inputs.items()}
     config = dataclasses.replace(config or AdaMergeXConfig(**names), **names)
-    adapters = {role: load_adapter_folder(path) for role, path in inputs.items()}
-    result = merge_state_dicts(
-        adapters["task_adapter"],
-        adapters["source_reference_adapter"],
-        adapters["target_reference_adapter"],
-        config,
-        device="cpu",
-    )
+    # The checksums are computed from the very bytes that are merged, in a worker thread while the
+    # main thread parses and merges (hashlib releases the GIL on large buffers).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adamergex-sha256") as pool:
+        adapters, digests = {}, {}
+        for role, path in inputs.items():
+            adapters[role], data = _read_adapter_folder(path)
+            digests[role] = pool.submit(lambda b: hashlib.sha256(b).hexdigest(), data)
+            del data
+        result = merge_state_dicts(
+            adapters["task_adapter"],
+            adapters["source_reference_adapter"],
+            adapters["target_reference_adapter"],
+            config,
+            device="cpu",
+        )
+        sha256 = {role: future.result() for role, future in digests.items()}
     record = {
         "config": config.to_dict(),
         "inputs": {
-            role: {"path": str(path.resolve()), "weights_sha256": adapters[role].sha256}
-            for role, path in inputs.items()
+            role: {"path": str(path.resolve()), "weights_sha256": sha256[role]} for role, path in inputs.items()
         },
         "report": result.report,
         "versions": {"adamergex_peft": __version__, "peft": peft.__version__, "torch": torch.__version__},
