@@ -26,11 +26,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from adamergex_peft.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +235,6 @@ def iter_reference_records(
         yield window_to_record(window, unit, completion_size)
 
 
-def _atomic_writer(output: Path):
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    return os.fdopen(fd, "w", encoding="utf-8", newline="\n"), Path(tmp)
-
-
 def build_reference_data(
     sources: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
@@ -289,19 +284,17 @@ def build_reference_data(
         split=split,
         text_field=text_field,
     )
-    handle, tmp = _atomic_writer(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    try:
-        with handle, tqdm(total=max_windows, unit="window", desc=f"windows ({lang})", disable=not progress) as bar:
-            for record in records:
-                handle.write(record.to_json())
-                handle.write("\n")
-                count += 1
-                bar.update(1)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_open(output, "w", encoding="utf-8", newline="\n") as handle,
+        tqdm(total=max_windows, unit="window", desc=f"windows ({lang})", disable=not progress) as bar,
+    ):
+        for record in records:
+            handle.write(record.to_json())
+            handle.write("\n")
+            count += 1
+            bar.update(1)
     if count == 0:
         logger.warning("%s: the input is shorter than one window of %d units; wrote no windows", output, window_size)
     logger.info("wrote %d windows to %s", count, output)
@@ -323,16 +316,11 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict]:
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike[str]) -> int:
     """Write dicts as JSONL atomically; return how many."""
     path = Path(path)
-    handle, tmp = _atomic_writer(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    try:
-        with handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False))
-                handle.write("\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False))
+            handle.write("\n")
+            count += 1
     return count

@@ -28,11 +28,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from adamergex_peft.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -217,28 +218,6 @@ def _quiet_hflm_class():
     return QuietHFLM
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class SweepResults:
     """The settings and finished points of a sweep, stored in ``sweep_results.json``."""
@@ -265,10 +244,10 @@ class SweepResults:
     def save(self, output_dir: Path, plot: bool = True) -> None:
         """Write JSON and CSV (and the PNG plot) atomically."""
         output_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(json.dumps(self.to_dict(), indent=2) + "\n", output_dir / RESULTS_JSON)
-        _atomic_write_text(self.to_csv(), output_dir / RESULTS_CSV)
+        atomic_write_text(output_dir / RESULTS_JSON, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(output_dir / RESULTS_CSV, self.to_csv())
         if plot and self.points:
-            _atomic_write_bytes(self.plot_png(), output_dir / PLOT_PNG)
+            atomic_write_bytes(output_dir / PLOT_PNG, self.plot_png())
 
     def to_csv(self) -> str:
         task_names = sorted({t for p in self.points for t in p.get("chosen", {})})

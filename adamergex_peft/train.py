@@ -29,12 +29,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from adamergex_peft.io import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -411,14 +412,6 @@ class TrainResult:
         }
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def train_adapter(
     base_model: str | PreTrainedModel,
     data: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
@@ -557,5 +550,6 @@ def train_adapter(
         train_loss=None if train_loss is None or math.isnan(train_loss) else float(train_loss),
         losses=losses,
     )
-    _write_json_atomic({"base_model": base_name, **result.to_dict()}, output_dir / TRAINING_INFO_NAME)
+    info = {"base_model": base_name, **result.to_dict()}
+    atomic_write_text(output_dir / TRAINING_INFO_NAME, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return result

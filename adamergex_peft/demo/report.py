@@ -140,10 +140,10 @@ def _clean(obj: Any) -> Any:
 def write_outputs(result: DemoResult, output: Path) -> dict[str, Path]:
     """Write ``demo_results.json``, ``demo_table.txt`` and ``demo_results.png`` atomically."""
     from adamergex_peft.demo.pipeline import CHART_PNG, RESULTS_JSON, TABLE_TXT
-    from adamergex_peft.sweep import _atomic_write_bytes, _atomic_write_text
+    from adamergex_peft.io import atomic_write_bytes, atomic_write_text
 
     paths = {"json": output / RESULTS_JSON, "table": output / TABLE_TXT, "png": output / CHART_PNG}
-    _atomic_write_text(json.dumps(_clean(result.to_dict()), indent=2) + "\n", paths["json"])
-    _atomic_write_text(format_table(result) + "\n", paths["table"])
-    _atomic_write_bytes(chart_png(result), paths["png"])
+    atomic_write_text(paths["json"], json.dumps(_clean(result.to_dict()), indent=2) + "\n")
+    atomic_write_text(paths["table"], format_table(result) + "\n")
+    atomic_write_bytes(paths["png"], chart_png(result))
     return paths
