@@ -30,8 +30,8 @@ _LAZY: dict[str, str] = {
     "merge_crosslingual": "adamergex_peft.model",
     "merge_crosslingual_into_base": "adamergex_peft.model",
     "BaseMergeHandle": "adamergex_peft.model",
-    "load_adapter_folder": "adamergex_peft.io",
-    "merge_adapter_files": "adamergex_peft.io",
+    "load_adapter_folder": "adamergex_peft.files",
+    "merge_adapter_files": "adamergex_peft.files",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -39,7 +39,7 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover (re-exports for type checkers)
     from adamergex_peft.config import AdaMergeXConfig  # noqa: F401
     from adamergex_peft.errors import AdaMergeXError  # noqa: F401
-    from adamergex_peft.io import load_adapter_folder, merge_adapter_files  # noqa: F401
+    from adamergex_peft.files import load_adapter_folder, merge_adapter_files  # noqa: F401
     from adamergex_peft.merge import AdapterWeights, MergeResult, merge_state_dicts  # noqa: F401
     from adamergex_peft.model import BaseMergeHandle, merge_crosslingual, merge_crosslingual_into_base  # noqa: F401
 

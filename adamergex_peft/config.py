@@ -146,7 +146,7 @@ class AdaMergeXConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adamergex_config.json`` into ``save_directory`` (created if needed), atomically."""
-        from adamergex_peft.io import atomic_write_text
+        from adamergex_peft.atomic import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         payload = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

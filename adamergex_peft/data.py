@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from adamergex_peft.io import atomic_open
+from adamergex_peft.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
 

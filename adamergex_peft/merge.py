@@ -1,7 +1,7 @@
 """The merge engine: three PEFT adapter state dicts in, one PEFT adapter state dict out.
 
 Both front ends use it: :mod:`adamergex_peft.model` (adapters inside a ``PeftModel``) and
-:mod:`adamergex_peft.io` (adapter folders, no base model). Inputs are PEFT's saved format (keys
+:mod:`adamergex_peft.files` (adapter folders, no base model). Inputs are PEFT's saved format (keys
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.ia3_l``, no adapter name), so
 the output can be saved with ``safetensors`` or loaded with ``set_peft_model_state_dict``.
 

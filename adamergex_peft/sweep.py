@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adamergex_peft.io import atomic_write_bytes, atomic_write_text
+from adamergex_peft.atomic import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -112,7 +112,7 @@ def phase_breakdown(dirs: dict[str, Path], out: Path, reps: int) -> dict[str, fl
 
     from adamergex_peft import AdaMergeXConfig
     from adamergex_peft import merge as engine
-    from adamergex_peft.io import load_adapter_folder, sha256_file
+    from adamergex_peft.files import load_adapter_folder, sha256_file
 
     hashes_in_load = "sha256" in {f.name for f in dataclasses.fields(engine.AdapterWeights)}
     cfg = AdaMergeXConfig(task_adapter="T", source_reference_adapter="Rs", target_reference_adapter="Rg")

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from adamergex_peft.config import AdaMergeXConfig
-    from adamergex_peft.io import merge_adapter_files
+    from adamergex_peft.files import merge_adapter_files
 
     config = AdaMergeXConfig(
         task_adapter=args.task,

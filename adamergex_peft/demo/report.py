@@ -139,8 +139,8 @@ def _clean(obj: Any) -> Any:
 
 def write_outputs(result: DemoResult, output: Path) -> dict[str, Path]:
     """Write ``demo_results.json``, ``demo_table.txt`` and ``demo_results.png`` atomically."""
+    from adamergex_peft.atomic import atomic_write_bytes, atomic_write_text
     from adamergex_peft.demo.pipeline import CHART_PNG, RESULTS_JSON, TABLE_TXT
-    from adamergex_peft.io import atomic_write_bytes, atomic_write_text
 
     paths = {"json": output / RESULTS_JSON, "table": output / TABLE_TXT, "png": output / CHART_PNG}
     atomic_write_text(paths["json"], json.dumps(_clean(result.to_dict()), indent=2) + "\n")

@@ -9,7 +9,6 @@ recording the settings and the inputs' checksums.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,11 +17,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
 
+from adamergex_peft.atomic import current_umask
 from adamergex_peft.config import CONFIG_NAME, AdaMergeXConfig
 from adamergex_peft.errors import AdaMergeXError
 
@@ -31,44 +29,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PT_WEIGHTS_NAME = "adapter_model.bin"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success it replaces ``path`` (``os.replace``).
-
-    On any exception the temporary file is removed and ``path`` is left as it was. The file gets
-    the usual permissions (``0o666 & ~umask``), not ``mkstemp``'s private ``0o600``. ``kwargs``
-    go to :func:`os.fdopen` (``encoding``, ``newline``, ...).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_open`)."""
-    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
@@ -225,7 +185,7 @@ def merge_adapter_files(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private 0o700 folder
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a private 0o700 folder
         result.peft_config.save_pretrained(str(tmp))
         save_file(result.state_dict, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
