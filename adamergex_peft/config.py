@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from adamergex_peft import methods as _methods
 from adamergex_peft.errors import AdaMergeXError
+from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES, OPTION_DEFAULTS
 
 CONFIG_NAME = "adamergex_config.json"
 
-METHODS = ("adamergex", "cross", "arimerge", "task_only", "task_plus_target")
-LORA_STRATEGIES = ("exact", "svd", "factorwise")
-IA3_STRATEGIES = ("linear", "power")
+#: The config fields naming the three adapters, in the order (T, Rs, Rg) every API takes them.
+ADAPTER_FIELDS: tuple[str, str, str] = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
+#: The names front ends (the sweep, the lm-eval model) give the three adapters inside a PeftModel.
+DEFAULT_ADAPTER_NAMES: dict[str, str] = {
+    "task_adapter": "task",
+    "source_reference_adapter": "source_reference",
+    "target_reference_adapter": "target_reference",
+}
+
+
+class _MethodNames(Sequence):
+    """A live, read-only view of the registered method names (:data:`adamergex_peft.methods.METHODS`)."""
+
+    def __getitem__(self, index):
+        return tuple(_methods.METHODS)[index]
+
+    def __len__(self) -> int:
+        return len(_methods.METHODS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_methods.METHODS))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _methods.METHODS
+
+    def __repr__(self) -> str:
+        return repr(tuple(_methods.METHODS))
+
+
+#: Names of the registered merge methods (derived from the registry in :mod:`adamergex_peft.methods`).
+METHODS: Sequence[str] = _MethodNames()
 
 
 @dataclass
@@ -56,13 +88,7 @@ class AdaMergeXConfig:
     )
     method: str = field(
         default="adamergex",
-        metadata={
-            "help": (
-                "'adamergex' (structure-adaptive operators), or a baseline of the paper: 'cross' (the mismatched "
-                "operators), 'arimerge' (Zhang et al. 2023), 'task_only' (Eng-FT: the task adapter as is), "
-                "'task_plus_target' (task + t * target reference, no subtraction)."
-            )
-        },
+        metadata={"help": "A registered merge method (adamergex_peft.methods.METHODS), e.g. 'adamergex'."},
     )
     lora_strategy: str = field(
         default="exact",
@@ -86,34 +112,53 @@ class AdaMergeXConfig:
         metadata={"help": "Rank of the result for lora_strategy='svd'. Default: the task adapter's rank."},
     )
     arimerge_weights: tuple[float, float] = field(
-        default=(0.5, 0.5),
+        default=OPTION_DEFAULTS["arimerge_weights"],
         metadata={"help": "(c0, c1): weights of the task and the language module for method='arimerge'."},
+    )
+    allow_different_base_models: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge adapters whose base_model_name_or_path differ (with a warning) instead of refusing them."
+        },
     )
 
     def __post_init__(self) -> None:
-        for name in ("task_adapter", "source_reference_adapter", "target_reference_adapter"):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (and normalise numbers); the merge functions call it again.
+
+        Raises:
+            AdaMergeXError: with ``field`` set to the offending field.
+        """
+        for name in ADAPTER_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise AdaMergeXError(f"AdaMergeXConfig.{name} must be a non-empty adapter name, got {value!r}.")
+                raise AdaMergeXError(
+                    f"AdaMergeXConfig.{name} must be a non-empty adapter name, got {value!r}.", field=name
+                )
         if self.source_reference_adapter == self.target_reference_adapter:
             raise AdaMergeXError(
                 "AdaMergeXConfig: source_reference_adapter and target_reference_adapter are the same adapter "
-                f"({self.source_reference_adapter!r}); the language gap would be zero."
+                f"({self.source_reference_adapter!r}); the language gap would be zero.",
+                field="target_reference_adapter",
             )
         if self.task_adapter in (self.source_reference_adapter, self.target_reference_adapter):
             raise AdaMergeXError(
-                f"AdaMergeXConfig: task_adapter {self.task_adapter!r} is also used as a reference adapter."
+                f"AdaMergeXConfig: task_adapter {self.task_adapter!r} is also used as a reference adapter.",
+                field="task_adapter",
             )
         if not _is_finite_real(self.t):
-            raise AdaMergeXError(f"AdaMergeXConfig.t must be a finite number, got {self.t!r}.")
+            raise AdaMergeXError(f"AdaMergeXConfig.t must be a finite number, got {self.t!r}.", field="t")
         self.t = float(self.t)
-        _check_choice("method", self.method, METHODS)
+        _methods.get_method(self.method)
         _check_choice("lora_strategy", self.lora_strategy, LORA_STRATEGIES)
         _check_choice("ia3_strategy", self.ia3_strategy, IA3_STRATEGIES)
         if self.svd_rank is not None:
             if isinstance(self.svd_rank, bool) or not isinstance(self.svd_rank, numbers.Integral) or self.svd_rank < 1:
                 raise AdaMergeXError(
-                    f"AdaMergeXConfig.svd_rank must be a positive int or None, got {self.svd_rank!r}."
+                    f"AdaMergeXConfig.svd_rank must be a positive int or None, got {self.svd_rank!r}.",
+                    field="svd_rank",
                 )
             self.svd_rank = int(self.svd_rank)
         try:
@@ -122,9 +167,35 @@ class AdaMergeXConfig:
             weights = ()
         if len(weights) != 2 or not all(_is_finite_real(w) for w in weights):
             raise AdaMergeXError(
-                f"AdaMergeXConfig.arimerge_weights must be two finite numbers (c0, c1), got {self.arimerge_weights!r}."
+                f"AdaMergeXConfig.arimerge_weights must be two finite numbers (c0, c1), got {self.arimerge_weights!r}.",
+                field="arimerge_weights",
             )
         self.arimerge_weights = (float(weights[0]), float(weights[1]))
+        if not isinstance(self.allow_different_base_models, bool):
+            raise AdaMergeXError(
+                "AdaMergeXConfig.allow_different_base_models must be True or False, got "
+                f"{self.allow_different_base_models!r}.",
+                field="allow_different_base_models",
+            )
+
+    def with_adapters(self, task_adapter: str, source_reference_adapter: str, target_reference_adapter: str):
+        """The same settings for three other adapters (names in a PeftModel, or folders); validated again."""
+        return dataclasses.replace(
+            self,
+            task_adapter=task_adapter,
+            source_reference_adapter=source_reference_adapter,
+            target_reference_adapter=target_reference_adapter,
+        )
+
+    @classmethod
+    def for_default_adapters(cls, **settings: Any) -> AdaMergeXConfig:
+        """A config naming the adapters :data:`DEFAULT_ADAPTER_NAMES` (what the sweep and lm-eval model load)."""
+        return cls(**DEFAULT_ADAPTER_NAMES, **settings)
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """``{field: adapter}`` for the three adapter fields, in :data:`ADAPTER_FIELDS` order."""
+        return {name: getattr(self, name) for name in ADAPTER_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as a JSON-serialisable dict."""
@@ -173,5 +244,5 @@ def _is_finite_real(value: Any) -> bool:
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise AdaMergeXError(f"AdaMergeXConfig.{name} must be one of {list(choices)}, got {value!r}.")
+    if not isinstance(value, str) or value not in choices:
+        raise AdaMergeXError(f"AdaMergeXConfig.{name} must be one of {list(choices)}, got {value!r}.", field=name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from peft.utils.other import get_pattern_key
 from adamergex_peft import merge_utils as mu
 from adamergex_peft.config import AdaMergeXConfig
 from adamergex_peft.errors import AdaMergeXError
+from adamergex_peft.methods import OPTION_DEFAULTS, OPTION_PEFT_TYPES, MergeMethod, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,12 @@ class _LoraModule:
         return self.a.shape[0]
 
 
-def _module_target_name(module: str) -> str:
+def module_target_name(module: str) -> str:
     """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the name PEFT matches)."""
     return module[len(PREFIX) :] if module.startswith(PREFIX) else module
+
+
+_module_target_name = module_target_name  # deprecated private alias (adamergex_peft.model imports it)
 
 
 def _check_config(adapter: AdapterWeights) -> None:
@@ -114,6 +118,14 @@ def _check_config(adapter: AdapterWeights) -> None:
                 f"adapter {adapter.name!r} was initialised with {init!r}, which rewrites the base weights; save it "
                 "converted to a plain LoRA (path_initial_model_for_weight_conversion) before merging."
             )
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -162,10 +174,32 @@ def _parse_lora(adapter: AdapterWeights) -> dict[str, _LoraModule]:
                 f"adapter {adapter.name!r}, module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                 "are not factors of one update (expected r x in and out x r)."
             )
-        target = _module_target_name(module)
-        alpha_key = get_pattern_key(cfg.alpha_pattern.keys(), target)
-        alpha = cfg.alpha_pattern.get(alpha_key, cfg.lora_alpha)
-        modules[module] = _LoraModule(a, b, mu.lora_scaling(alpha, a.shape[0], cfg.use_rslora))
+        target = module_target_name(module)
+        rank = a.shape[0]
+        if rank == 0:
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r}, module {target!r}: rank-0 LoRA factors (lora_A is 0 x in)."
+            )
+        rank_pattern = cfg.rank_pattern or {}
+        r_key = get_pattern_key(rank_pattern.keys(), target) if rank_pattern else None
+        r_field, r = (f"rank_pattern[{r_key!r}]", rank_pattern[r_key]) if r_key in rank_pattern else ("r", cfg.r)
+        if not _is_positive_int(r) or int(r) != rank:
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r}, module {target!r}: adapter_config {r_field}={r!r} does not match the "
+                f"rank {rank} of its lora_A/lora_B tensors."
+            )
+        alpha_pattern = cfg.alpha_pattern or {}
+        alpha_key = get_pattern_key(alpha_pattern.keys(), target) if alpha_pattern else None
+        a_field, alpha = (
+            (f"alpha_pattern[{alpha_key!r}]", alpha_pattern[alpha_key])
+            if alpha_key in alpha_pattern
+            else ("lora_alpha", cfg.lora_alpha)
+        )
+        if not _is_finite_number(alpha):
+            raise AdaMergeXError(
+                f"adapter {adapter.name!r}, module {target!r}: adapter_config {a_field}={alpha!r} is not a finite number."
+            )
+        modules[module] = _LoraModule(a, b, mu.lora_scaling(float(alpha), rank, bool(cfg.use_rslora)))
     if not modules:
         raise AdaMergeXError(f"adapter {adapter.name!r} has no LoRA weights.")
     return modules
@@ -187,113 +221,6 @@ def _parse_ia3(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
     return vectors
 
 
-# ------------------------------------------------------------------------------------- the methods
-# For each method: which adapters it reads, as (role, weight) with roles "T", "Rg", "Rs".
-def _roles(config: AdaMergeXConfig) -> dict[str, float]:
-    t = config.t
-    return {
-        "adamergex": {"T": 1.0, "Rg": t, "Rs": -t},
-        "cross": {"T": 1.0, "Rg": t, "Rs": -t},
-        "arimerge": {"T": 1.0, "Rg": 1.0, "Rs": -1.0},  # which adapters; the formula has its own weights
-        "task_only": {"T": 1.0},
-        "task_plus_target": {"T": 1.0, "Rg": t},
-    }[config.method]
-
-
-# A LoRA combine function takes the module's factors by role (on the output device, in their own
-# dtype), the weight of each role, the config, the output rank and dtype, and returns
-# ((A, B), kept energy or None) with A: rank x in, B: out x rank, in the output dtype. Factor-level
-# formulas compute in float32; the stacked exact result is written straight into its output.
-def _combine_lora_exact(mods, weights, config, rank, dtype):
-    factors = [(mods[r].a, mods[r].b, mods[r].scaling) for r in weights]
-    return mu.lora_stack(factors, [weights[r] for r in weights], rank=rank, dtype=dtype), None
-
-
-def _combine_lora_svd(mods, weights, config, rank, dtype):
-    (a, b), _ = _combine_lora_exact(mods, weights, config, None, torch.float32)
-    a, b, kept = mu.lora_svd(a, b, rank)
-    return (a.to(dtype), b.to(dtype)), kept
-
-
-def _factors32(mods: dict[str, _LoraModule], role: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 factors of ``role``, or zeros of the common shape when the module is missing from it."""
-    if role in mods:
-        return mods[role].a.float(), mods[role].b.float()
-    ref = next(iter(mods.values()))
-    return torch.zeros_like(ref.a, dtype=torch.float32), torch.zeros_like(ref.b, dtype=torch.float32)
-
-
-def _combine_lora_factorwise(mods, weights, config, rank, dtype):
-    roles = list(weights)
-    pairs = [_factors32(mods, r) for r in roles]
-    coefficients = [weights[r] for r in roles]
-    a = mu.linear_combination([p[0] for p in pairs], coefficients)
-    b = mu.linear_combination([p[1] for p in pairs], coefficients)
-    return (a.to(dtype), b.to(dtype)), None
-
-
-def _combine_lora_arimerge(mods, weights, config, rank, dtype):
-    c0, c1 = config.arimerge_weights
-    a, b = mu.arimerge_lora(*(_factors32(mods, r) for r in ("T", "Rg", "Rs")), c0, c1)
-    return (a.to(dtype), b.to(dtype)), None
-
-
-def _combine_lora_cross(mods, weights, config, rank, dtype):
-    # A module missing from an adapter has no factors to divide or multiply; the element-wise
-    # analogy is only defined where all three adapters train the module.
-    if len(mods) != 3:
-        missing = sorted({"T", "Rg", "Rs"} - set(mods))
-        raise AdaMergeXError(
-            f"method 'cross' needs the module in all three adapters; missing from {', '.join(missing)}"
-        )
-    a, b = mu.elementwise_multiplicative_factors(*(_factors32(mods, r) for r in ("T", "Rg", "Rs")), config.t)
-    return (a.to(dtype), b.to(dtype)), None
-
-
-def _combine_ia3_multiplicative(vecs, weights, config):
-    one = next(iter(vecs.values()))
-    ones = torch.ones_like(one)
-    task = vecs.get("T", ones)
-    if "Rg" not in weights:  # task_only
-        return task.clone()
-    fn = mu.multiplicative_linear if config.ia3_strategy == "linear" else mu.multiplicative_power
-    source = vecs.get("Rs", ones) if "Rs" in weights else None
-    return fn(task, vecs.get("Rg", ones), source, config.t)
-
-
-def _combine_ia3_additive(vecs, weights, config):
-    ones = torch.ones_like(next(iter(vecs.values())))
-    roles = list(weights)
-    return mu.linear_combination([vecs.get(r, ones) for r in roles], [weights[r] for r in roles])
-
-
-def _combine_ia3_arimerge(vecs, weights, config):
-    ones = torch.ones_like(next(iter(vecs.values())))
-    c0, c1 = config.arimerge_weights
-    return mu.arimerge_ia3(vecs.get("T", ones), vecs.get("Rg", ones), vecs.get("Rs", ones), c0, c1)
-
-
-# (method, lora_strategy) -> (combine function, output representation)
-# "stacked": scaling 1, rank = sum of ranks (padded to the largest module); "svd": scaling 1, rank
-# svd_rank; "uniform": the inputs' common rank and scaling (factor-level formulas).
-_LORA_METHODS: dict[tuple[str, str], tuple[Callable, str]] = {}
-for _method in ("adamergex", "task_only", "task_plus_target"):
-    _LORA_METHODS[(_method, "exact")] = (_combine_lora_exact, "stacked")
-    _LORA_METHODS[(_method, "svd")] = (_combine_lora_svd, "svd")
-    _LORA_METHODS[(_method, "factorwise")] = (_combine_lora_factorwise, "uniform")
-for _strategy in ("exact", "svd", "factorwise"):
-    _LORA_METHODS[("arimerge", _strategy)] = (_combine_lora_arimerge, "uniform")
-    _LORA_METHODS[("cross", _strategy)] = (_combine_lora_cross, "uniform")
-
-_IA3_METHODS: dict[str, Callable] = {
-    "adamergex": _combine_ia3_multiplicative,
-    "task_only": _combine_ia3_multiplicative,
-    "task_plus_target": _combine_ia3_multiplicative,
-    "cross": _combine_ia3_additive,
-    "arimerge": _combine_ia3_arimerge,
-}
-
-
 # ---------------------------------------------------------------------------------------- the engine
 def merge_state_dicts(
     task: AdapterWeights,
@@ -303,6 +230,7 @@ def merge_state_dicts(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    allow_different_base_models: bool | None = None,
 ) -> MergeResult:
     """Merge three adapters with AdaMergeX (or a baseline) into one ordinary PEFT adapter.
 
@@ -335,13 +263,29 @@ def merge_state_dicts(
     cross               ``l_T + t (l_Rg - l_Rs)``
     ==================  =============================================================================
 
+    The methods are the objects registered in :data:`adamergex_peft.methods.METHODS` (the table
+    above lists the built-ins); the method's ``roles`` say which adapters it reads, its ``lora`` /
+    ``ia3`` entries how they combine.
+
     Computation is in float32 on ``device`` (default: the task adapter's); the result has ``dtype``
-    (default: the task adapter's).
+    (default: the task adapter's) and every output tensor is checked for NaN/Inf *in that dtype*
+    (an fp16 result that overflows is refused, naming the module and the dtype).
+
+    Adapters from different base models are refused: a reference adapter whose modules do not
+    overlap the task adapter's at all, or (unless ``allow_different_base_models`` / the config field
+    of that name is true, which only logs a warning) a different non-empty ``base_model_name_or_path``.
+
+    ``svd_rank`` larger than the largest ``min(in, out)`` of the merged modules is capped to it (a
+    larger rank would only add zero padding); the cap is logged and recorded in ``report``.
 
     Raises:
         AdaMergeXError: invalid or incompatible input, naming the adapter and module. Nothing is
             modified: the input tensors are only read.
     """
+    if not isinstance(config, AdaMergeXConfig):
+        raise AdaMergeXError(f"config must be an AdaMergeXConfig, got {type(config).__name__}.")
+    config.validate()  # the fields may have been changed since construction
+    method = get_method(config.method)
     adapters = {"T": task, "Rs": source_reference, "Rg": target_reference}
     for adapter in adapters.values():
         _check_config(adapter)
@@ -355,12 +299,52 @@ def merge_state_dicts(
     device = torch.device(device) if device is not None else first.device
     dtype = dtype or first.dtype
 
-    weights = _roles(config)
+    if allow_different_base_models is None:
+        allow_different_base_models = config.allow_different_base_models
+    _check_same_base_model(adapters, types["T"], allow_different_base_models)
+
+    weights = method.role_weights(config.t)
     used = {role: adapters[role] for role in weights}
-    _warn_ignored_settings(config, types["T"])
+    _warn_ignored_settings(config, method, types["T"])
     if types["T"] == PeftType.LORA:
-        return _merge_lora(used, weights, config, device, dtype)
-    return _merge_ia3(used, weights, config, device, dtype)
+        return _merge_lora(used, weights, config, method, device, dtype)
+    return _merge_ia3(used, weights, config, method, device, dtype)
+
+
+def _module_names(adapter: AdapterWeights) -> set[str]:
+    """The modules an adapter trains, from its state dict keys (no parsing or checks)."""
+    names = set()
+    for key in adapter.state_dict:
+        for suffix in (*LORA_SUFFIXES, IA3_SUFFIX):
+            if key.endswith(suffix):
+                names.add(key[: -len(suffix)])
+                break
+    return names
+
+
+def _check_same_base_model(adapters: dict[str, AdapterWeights], peft_type: PeftType, allow_different: bool) -> None:
+    """Refuse adapters that cannot come from one base model (see :func:`merge_state_dicts`)."""
+    task_modules = _module_names(adapters["T"])
+    for role in ("Rs", "Rg"):
+        modules = _module_names(adapters[role])
+        if task_modules and modules and not (task_modules & modules):
+            example = module_target_name(sorted(modules)[0])
+            raise AdaMergeXError(
+                f"{_ROLE_NAMES[role]} {adapters[role].name!r} trains none of the task adapter {adapters['T'].name!r}'s "
+                f"modules (e.g. it has {example!r}, the task adapter {module_target_name(sorted(task_modules)[0])!r}); "
+                "adapters from different base models cannot be merged."
+            )
+    bases = {role: getattr(a.peft_config, "base_model_name_or_path", None) for role, a in adapters.items()}
+    named = {role: b for role, b in bases.items() if isinstance(b, str) and b}
+    if len(set(named.values())) > 1:
+        listing = ", ".join(f"{adapters[r].name!r}: {b!r}" for r, b in named.items())
+        if not allow_different:
+            raise AdaMergeXError(
+                f"the adapters were trained on different base models ({listing}); pass "
+                "allow_different_base_models=True (--allow-different-base-models) if they share the same weights.",
+                field="allow_different_base_models",
+            )
+        logger.warning("merging adapters trained on different base models (%s)", listing)
 
 
 _ROLE_NAMES = {"T": "task adapter", "Rs": "source reference adapter", "Rg": "target reference adapter"}
@@ -369,50 +353,73 @@ _ROLE_NAMES = {"T": "task adapter", "Rs": "source reference adapter", "Rg": "tar
 def _module_error(module: str, err: object, used: dict[str, AdapterWeights]) -> AdaMergeXError:
     """Name the module and, for the roles the message mentions (T, Rs, Rg), the adapters."""
     legend = "; ".join(f"{role} = {_ROLE_NAMES[role]} {a.name!r}" for role, a in used.items())
-    return AdaMergeXError(f"module {_module_target_name(module)!r}: {err} [{legend}]")
+    return AdaMergeXError(f"module {module_target_name(module)!r}: {err} [{legend}]")
 
 
-def _warn_ignored_settings(config: AdaMergeXConfig, peft_type: PeftType) -> None:
+def _warn_ignored_settings(config: AdaMergeXConfig, method: MergeMethod, peft_type: PeftType) -> None:
+    """Log the options set away from their default that this merge does not read.
+
+    An option is read if the method declares it (``MergeMethod.options``) and it applies to the
+    adapter type (``OPTION_PEFT_TYPES``); ``svd_rank`` is read only with ``lora_strategy='svd'``.
+    """
+    kind = "LORA" if peft_type == PeftType.LORA else "IA3"
     ignored = []
-    if peft_type == PeftType.LORA:
-        if config.method in ("arimerge", "cross") and config.lora_strategy != "exact":
-            ignored.append(f"lora_strategy={config.lora_strategy!r} (method {config.method!r} is factor-level)")
-        if config.svd_rank is not None and (config.lora_strategy != "svd" or config.method in ("arimerge", "cross")):
-            ignored.append(f"svd_rank={config.svd_rank}")
-        if config.ia3_strategy != "linear":
-            ignored.append(f"ia3_strategy={config.ia3_strategy!r} (LoRA adapters)")
-    else:
-        if config.lora_strategy != "exact" or config.svd_rank is not None:
-            ignored.append("lora_strategy/svd_rank ((IA)^3 adapters)")
-        if config.method in ("arimerge", "cross") and config.ia3_strategy != "linear":
-            ignored.append(f"ia3_strategy={config.ia3_strategy!r} (method {config.method!r} is additive)")
-    if config.method != "arimerge" and tuple(config.arimerge_weights) != (0.5, 0.5):
-        ignored.append("arimerge_weights (method is not 'arimerge')")
+    for option, default in OPTION_DEFAULTS.items():
+        default = method.options.get(option, default)
+        value = getattr(config, option)
+        if value == default or (isinstance(default, tuple) and tuple(value) == default):
+            continue
+        applies_to = OPTION_PEFT_TYPES[option]
+        if applies_to is not None and applies_to != kind:
+            ignored.append(f"{option}={value!r} ({'LoRA' if kind == 'LORA' else '(IA)^3'} adapters)")
+        elif option not in method.options:
+            why = "is factor-level" if (kind == "LORA" and method.factor_level) else "does not read it"
+            ignored.append(f"{option}={value!r} (method {method.name!r} {why})")
+        elif option == "svd_rank" and config.lora_strategy != "svd":
+            ignored.append(f"svd_rank={value!r} (lora_strategy is not 'svd')")
     if ignored:
         logger.warning("AdaMergeX %s merge ignores: %s", config.method, ", ".join(ignored))
+
+
+def _not_finite_message(config: AdaMergeXConfig, dtype: torch.dtype) -> str:
+    return (
+        f"the {config.method} merge (t={config.t:g}) has NaN/Inf values in the output dtype "
+        f"{str(dtype).replace('torch.', '')}; use a smaller |t| or a wider dtype"
+    )
 
 
 def _check_shapes(module: str, shapes: dict[str, tuple[int, ...]], adapters: dict[str, AdapterWeights], what: str):
     if len(set(shapes.values())) > 1:
         listing = ", ".join(f"{adapters[r].name!r}: {s}" for r, s in shapes.items())
         raise AdaMergeXError(
-            f"module {_module_target_name(module)!r}: {what} differ between adapters ({listing}); were they trained on "
+            f"module {module_target_name(module)!r}: {what} differ between adapters ({listing}); were they trained on "
             "the same base model?"
         )
 
 
-def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
+def _merge_lora(used, weights, config, method: MergeMethod, device, dtype) -> MergeResult:
     parsed = {role: _parse_lora(adapter) for role, adapter in used.items()}
-    combine, representation = _LORA_METHODS[(config.method, config.lora_strategy)]
+    lora_combine = method.lora_combine(config.lora_strategy)
+    combine, representation = lora_combine.fn, lora_combine.representation
     modules = sorted(set().union(*parsed.values()))
     task_cfg: LoraConfig = used["T"].peft_config
 
     uniform = None
+    capped = None
     if representation == "uniform":
-        uniform = _uniform_rank_and_scaling(parsed, used, config)
+        uniform = _uniform_rank_and_scaling(parsed, used, config, method)
         out_rank = uniform[0]
     elif representation == "svd":
         out_rank = config.svd_rank or task_cfg.r
+        bound = max(min(m.a.shape[1], m.b.shape[0]) for mods in parsed.values() for m in mods.values())
+        if out_rank > bound:
+            logger.warning(
+                "svd_rank=%d exceeds the largest min(in, out) of the merged modules (%d): using rank %d",
+                out_rank,
+                bound,
+                bound,
+            )
+            capped, out_rank = out_rank, bound
     else:  # stacked: the largest sum of ranks; modules trained by fewer adapters are zero-padded
         out_rank = max(sum(parsed[r][m].rank for r in parsed if m in parsed[r]) for m in modules)
 
@@ -430,9 +437,9 @@ def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
         except AdaMergeXError as err:
             raise _module_error(module, err, used) from None
         if not (_all_finite(a) and _all_finite(b)):
-            raise _module_error(module, f"the {config.method} merge of T, Rg, Rs produced NaN/Inf values", used)
+            raise _module_error(module, _not_finite_message(config, a.dtype), used)
         if kept_share is not None:
-            kept[_module_target_name(module)] = kept_share
+            kept[module_target_name(module)] = kept_share
         state_dict[module + LORA_SUFFIXES[0]] = a.contiguous()
         state_dict[module + LORA_SUFFIXES[1]] = b.contiguous()
 
@@ -448,7 +455,7 @@ def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
         r=out_rank,
         lora_alpha=alpha,
         use_rslora=use_rslora,
-        target_modules=sorted(_module_target_name(m) for m in modules),
+        target_modules=sorted(module_target_name(m) for m in modules),
         rank_pattern={},
         alpha_pattern={},
         layers_to_transform=None,
@@ -458,6 +465,8 @@ def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
         inference_mode=True,
     )
     report: dict[str, Any] = {"peft_type": "LORA", "rank": out_rank, "modules": len(modules)}
+    if capped is not None:
+        report["svd_rank_requested"] = capped
     if kept:
         report["svd_kept_energy"] = kept
         report["svd_kept_energy_min"] = min(kept.values())
@@ -470,19 +479,17 @@ def _merge_lora(used, weights, config, device, dtype) -> MergeResult:
     return MergeResult(peft_config, state_dict, report)
 
 
-def _uniform_rank_and_scaling(parsed, used, config) -> tuple[int, float]:
+def _uniform_rank_and_scaling(parsed, used, config, method: MergeMethod) -> tuple[int, float]:
     """Factor-level formulas need one rank and one scaling across all modules of all adapters."""
     seen: dict[tuple[int, float], str] = {}
     for role, mods in parsed.items():
         for module, m in mods.items():
             key = (m.rank, m.scaling)
             if not any(k[0] == key[0] and math.isclose(k[1], key[1], rel_tol=1e-6) for k in seen):
-                seen[key] = f"{used[role].name!r} module {_module_target_name(module)!r}"
+                seen[key] = f"{used[role].name!r} module {module_target_name(module)!r}"
     if len(seen) > 1:
         listing = "; ".join(f"{where}: rank {r}, scaling {s:g}" for (r, s), where in seen.items())
-        hint = (
-            "" if config.method in ("arimerge", "cross") else " Use lora_strategy='exact' or 'svd' for such adapters."
-        )
+        hint = "" if method.factor_level else " Use lora_strategy='exact' or 'svd' for such adapters."
         raise AdaMergeXError(
             f"method {config.method!r} (lora_strategy {config.lora_strategy!r}) combines A and B separately and needs "
             f"one rank and one scaling in all adapters, found: {listing}.{hint}"
@@ -490,9 +497,9 @@ def _uniform_rank_and_scaling(parsed, used, config) -> tuple[int, float]:
     return next(iter(seen))
 
 
-def _merge_ia3(used, weights, config, device, dtype) -> MergeResult:
+def _merge_ia3(used, weights, config, method: MergeMethod, device, dtype) -> MergeResult:
     parsed = {role: _parse_ia3(adapter) for role, adapter in used.items()}
-    combine = _IA3_METHODS[config.method]
+    combine = method.ia3
     modules = sorted(set().union(*parsed.values()))
     state_dict: dict[str, torch.Tensor] = {}
     feedforward: list[str] = []
@@ -504,16 +511,17 @@ def _merge_ia3(used, weights, config, device, dtype) -> MergeResult:
             out = combine(vecs, weights, config)
         except AdaMergeXError as err:
             raise _module_error(module, err, used) from None
+        out = out.to(dtype)  # checked in the output dtype: a float32 value can overflow fp16/bf16
         if not _all_finite(out):
-            raise _module_error(module, f"the {config.method} merge of T, Rg, Rs produced NaN/Inf values", used)
-        state_dict[module + IA3_SUFFIX] = out.to(dtype).contiguous()
+            raise _module_error(module, _not_finite_message(config, dtype), used)
+        state_dict[module + IA3_SUFFIX] = out.contiguous()
         vec = next(iter(present.values()))
         if vec.shape[0] == 1 and vec.shape[1] != 1:  # (1, in_features): feed-forward module
-            feedforward.append(_module_target_name(module))
+            feedforward.append(module_target_name(module))
     task_cfg: IA3Config = used["T"].peft_config
     peft_config = dataclasses.replace(
         task_cfg,
-        target_modules=sorted(_module_target_name(m) for m in modules),
+        target_modules=sorted(module_target_name(m) for m in modules),
         feedforward_modules=sorted(feedforward),
         exclude_modules=None,
         init_ia3_weights=True,
