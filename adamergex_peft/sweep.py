@@ -5,7 +5,7 @@ target reference) in one ``PeftModel``. For every (method, t) point it adds the 
 the base weights in place (:func:`adamergex_peft.merge_crosslingual_into_base`), evaluates the
 base model with the adapters disabled through ``lm_eval.simple_evaluate`` (an ``HFLM`` wrapped
 around the in-memory model), and takes the update out again (``handle.undo()``). Methods that do
-not use ``t`` (``task_only``, ``arimerge``) are evaluated once.
+not use ``t`` (``METHODS[m].uses_t`` false: ``task_only``, ``arimerge``) are evaluated once.
 
 Outputs in ``output_dir`` (rewritten atomically after every point, so an interrupted sweep
 resumes from the points already done):
@@ -23,6 +23,7 @@ reports, else its first numeric metric.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -34,16 +35,25 @@ from pathlib import Path
 from typing import Any
 
 from adamergex_peft.atomic import atomic_write_bytes, atomic_write_text
+from adamergex_peft.config import ADAPTER_FIELDS, DEFAULT_ADAPTER_NAMES, AdaMergeXConfig
+from adamergex_peft.methods import get_method
 
 logger = logging.getLogger(__name__)
 
 RESULTS_JSON = "sweep_results.json"
 RESULTS_CSV = "sweep_results.csv"
 PLOT_PNG = "sweep_plot.png"
-#: Methods whose merge does not depend on t: evaluated once per sweep.
-T_FREE_METHODS = frozenset({"task_only", "arimerge"})
 PREFERRED_METRICS = ("acc", "exact_match", "rougeL", "f1", "bleu")
-ADAPTER_NAMES = ("task", "ref_src", "ref_tgt")
+#: Names of the task, source-reference and target-reference adapters in the sweep's PeftModel.
+ADAPTER_NAMES: tuple[str, str, str] = tuple(DEFAULT_ADAPTER_NAMES[f] for f in ADAPTER_FIELDS)
+
+
+def __getattr__(name: str):
+    if name == "T_FREE_METHODS":  # deprecated: read ``METHODS[m].uses_t``
+        from adamergex_peft.methods import METHODS
+
+        return frozenset(m for m, method in METHODS.items() if not method.uses_t)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -59,14 +69,15 @@ class SweepPoint:
 
 
 def plan_points(methods: Sequence[str], t_values: Sequence[float]) -> list[SweepPoint]:
-    """The points of a sweep, in order; t-free methods appear once, with ``t=None``."""
+    """The points of a sweep, in order; methods that do not use t (``METHODS[m].uses_t``) appear once, with ``t=None``."""
     if not methods:
         raise ValueError("give at least one method")
-    if not t_values and any(m not in T_FREE_METHODS for m in methods):
+    uses_t = {m: get_method(m).uses_t for m in methods}
+    if not t_values and any(uses_t.values()):
         raise ValueError("give at least one value of t")
     points: list[SweepPoint] = []
     for method in dict.fromkeys(methods):
-        if method in T_FREE_METHODS:
+        if not uses_t[method]:
             points.append(SweepPoint(method, None))
         else:
             points.extend(SweepPoint(method, float(t)) for t in dict.fromkeys(t_values))
@@ -304,7 +315,7 @@ def load_sweep_model(
     dtype: str = "float32",
     device: str | None = None,
 ):
-    """Load the base model once with the three adapters as ``task``, ``ref_src``, ``ref_tgt``."""
+    """Load the base model once with the three adapters named as in :data:`ADAPTER_NAMES`."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -333,32 +344,30 @@ def evaluate_points(
     *,
     adapters: tuple[str, str, str] = ADAPTER_NAMES,
     config_kwargs: Mapping[str, Any] | None = None,
+    base_config: AdaMergeXConfig | None = None,
     progress: bool = True,
     on_point: Callable[[dict[str, Any]], None] | None = None,
     plot: bool = True,
 ) -> SweepResults:
     """Evaluate the points not yet in ``results``, saving after each one (see :func:`run_sweep`).
 
-    ``adapters`` names the task, source-reference and target-reference adapters inside
-    ``peft_model``; ``plot=False`` skips rewriting the PNG after every point.
+    Each point's config is ``base_config`` with the point's ``method`` and ``t`` (``dataclasses.replace``);
+    without ``base_config`` it is built from ``adapters`` (the task, source-reference and
+    target-reference adapters inside ``peft_model``) and ``config_kwargs``. ``plot=False`` skips
+    rewriting the PNG after every point.
     """
     from tqdm.auto import tqdm
 
-    from adamergex_peft import AdaMergeXConfig, merge_crosslingual_into_base
+    from adamergex_peft import merge_crosslingual_into_base
 
+    if base_config is None:
+        base_config = AdaMergeXConfig(*adapters, **dict(config_kwargs or {}))
     todo = [p for p in points if p.key not in results.done()]
     if len(todo) < len(points):
         logger.info("resuming: %d of %d points already done", len(points) - len(todo), len(points))
     base = peft_model.get_base_model()
     for point in tqdm(todo, desc="sweep", unit="point", disable=not progress):
-        cfg = AdaMergeXConfig(
-            task_adapter=adapters[0],
-            source_reference_adapter=adapters[1],
-            target_reference_adapter=adapters[2],
-            t=1.0 if point.t is None else point.t,
-            method=point.method,
-            **dict(config_kwargs or {}),
-        )
+        cfg = dataclasses.replace(base_config, method=point.method, t=1.0 if point.t is None else point.t)
         handle = merge_crosslingual_into_base(peft_model, cfg)
         try:
             with peft_model.disable_adapter():
@@ -407,7 +416,7 @@ def run_sweep(
             the settings differ, a ``ValueError`` asks for another folder.
         tasks: lm-eval task (or group) names.
         t_values: values of ``t`` for the methods that use it.
-        methods: AdaMergeX methods (``adamergex``, ``cross``, ``arimerge``, ``task_only``, ``task_plus_target``).
+        methods: registered merge methods (:data:`adamergex_peft.methods.METHODS`), e.g. ``adamergex``.
         include_path, include_defaults: where lm-eval finds the tasks (see :func:`make_evaluator`).
         limit, num_fewshot, batch_size, metric, seed: passed to lm-eval / used for scoring.
         config_kwargs: other :class:`~adamergex_peft.AdaMergeXConfig` fields (``lora_strategy``, ...).
@@ -417,30 +426,19 @@ def run_sweep(
     """
     output_dir = Path(output_dir)
     points = plan_points(methods, t_values)
-    settings = {
-        "base_model": str(base_model),
-        "task_adapter": str(task_adapter),
-        "source_reference": str(source_reference),
-        "target_reference": str(target_reference),
-        "tasks": list(tasks),
-        "limit": limit,
-        "num_fewshot": num_fewshot,
-        "metric": metric,
-        "config": dict(config_kwargs or {}),
-        "seed": seed,
-    }
-    settings = json.loads(json.dumps(settings))  # normalise tuples to lists, as stored
-    results_path = output_dir / RESULTS_JSON
-    if results_path.is_file():
-        results = SweepResults.load(results_path)
-        if results.settings != settings:
-            changed = sorted(k for k in settings if results.settings.get(k) != settings[k])
-            raise ValueError(
-                f"{results_path} holds a sweep with other settings ({', '.join(changed)}): "
-                "use another --output folder, or delete it to start over"
-            )
-    else:
-        results = SweepResults(settings=settings)
+    # Validate the merge settings before anything is loaded; every point is this config with its method and t.
+    base_config = AdaMergeXConfig.for_default_adapters(**dict(config_kwargs or {}))
+    settings = _sweep_settings(
+        base_model,
+        (task_adapter, source_reference, target_reference),
+        tasks,
+        limit,
+        num_fewshot,
+        metric,
+        config_kwargs,
+        seed,
+    )
+    results = _load_or_start_results(output_dir, settings)
     if all(p.key in results.done() for p in points):
         logger.info("all %d points already done in %s", len(points), output_dir)
         results.save(output_dir)
@@ -465,7 +463,42 @@ def run_sweep(
         evaluate,
         results,
         output_dir,
-        config_kwargs=config_kwargs,
+        base_config=base_config,
         progress=progress,
         on_point=on_point,
     )
+
+
+def _sweep_settings(
+    base_model, adapter_dirs, tasks, limit, num_fewshot, metric, config_kwargs, seed
+) -> dict[str, Any]:
+    """The settings that identify a sweep (a resumed sweep must have the same), as stored in JSON."""
+    task_adapter, source_reference, target_reference = adapter_dirs
+    settings = {
+        "base_model": str(base_model),
+        "task_adapter": str(task_adapter),
+        "source_reference": str(source_reference),
+        "target_reference": str(target_reference),
+        "tasks": list(tasks),
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "metric": metric,
+        "config": dict(config_kwargs or {}),
+        "seed": seed,
+    }
+    return json.loads(json.dumps(settings))  # normalise tuples to lists, as stored
+
+
+def _load_or_start_results(output_dir: Path, settings: dict[str, Any]) -> SweepResults:
+    """The results already in ``output_dir`` (same settings only), or an empty record."""
+    results_path = output_dir / RESULTS_JSON
+    if not results_path.is_file():
+        return SweepResults(settings=settings)
+    results = SweepResults.load(results_path)
+    if results.settings != settings:
+        changed = sorted(k for k in settings if results.settings.get(k) != settings[k])
+        raise ValueError(
+            f"{results_path} holds a sweep with other settings ({', '.join(changed)}): "
+            "use another --output folder, or delete it to start over"
+        )
+    return results

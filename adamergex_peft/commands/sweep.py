@@ -6,6 +6,9 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from adamergex_peft.commands.merge import accept_negative_numbers, finite_float, method_choices, methods_help
+    from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES
+
     parser = subparsers.add_parser(
         "sweep",
         help="Evaluate merges at several t (and methods) with lm-eval; write JSON, CSV, a plot; name the best t.",
@@ -13,21 +16,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Load the base model once with the task, source-reference and target-reference adapters; for each "
             "(method, t) merge into the base weights in place, evaluate through lm-eval's Python API, and undo the "
             "merge. Results go to OUTPUT/sweep_results.{json,csv} and OUTPUT/sweep_plot.png after every point; "
-            "running the same command again resumes from the points already done. task_only and arimerge do not "
-            "use t and are evaluated once."
+            "running the same command again resumes from the points already done. Methods that do not use t "
+            "(task_only, arimerge) are evaluated once."
         ),
     )
     parser.add_argument("--base-model", required=True, help="Base model name or path.")
     parser.add_argument("--task-adapter", required=True, help="Task adapter folder (source language).")
     parser.add_argument("--source-reference", required=True, help="Reference adapter folder, source language.")
     parser.add_argument("--target-reference", required=True, help="Reference adapter folder, target language.")
-    parser.add_argument("--t", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="Values of t.")
+    parser.add_argument(
+        "--t", type=finite_float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="Values of t (any finite)."
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
         default=["adamergex"],
-        choices=("adamergex", "cross", "arimerge", "task_only", "task_plus_target"),
-        help="Methods to evaluate (default: adamergex).",
+        choices=method_choices(),
+        help=f"Methods to evaluate (default: adamergex): {methods_help()}.",
     )
     parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval task or group names (target language).")
     parser.add_argument("--include-path", default=None, help="Folder of extra lm-eval task YAML.")
@@ -43,15 +48,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metric", default=None, help="Metric to score with (default: acc, exact_match, rougeL, ...)."
     )
-    parser.add_argument("--lora-strategy", choices=("exact", "svd", "factorwise"), default=None)
-    parser.add_argument("--ia3-strategy", choices=("linear", "power"), default=None)
+    parser.add_argument("--lora-strategy", choices=list(LORA_STRATEGIES), default=None)
+    parser.add_argument("--ia3-strategy", choices=list(IA3_STRATEGIES), default=None)
     parser.add_argument("--svd-rank", type=int, default=None)
     parser.add_argument("--arimerge-weights", type=float, nargs=2, default=None, metavar=("C0", "C1"))
+    parser.add_argument(
+        "--allow-different-base-models",
+        action="store_true",
+        help="Merge adapters whose base_model_name_or_path differ (warns) instead of refusing them.",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default=None, help="Device for the model (default: CPU).")
     parser.add_argument("--seed", type=int, default=1234, help="lm-eval seeds.")
     parser.add_argument("--output", required=True, help="Output folder (resumed if it holds this sweep).")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    accept_negative_numbers(parser)
     parser.set_defaults(func=run)
 
 
@@ -69,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             ("ia3_strategy", args.ia3_strategy),
             ("svd_rank", args.svd_rank),
             ("arimerge_weights", args.arimerge_weights),
+            ("allow_different_base_models", args.allow_different_base_models or None),
         )
         if value is not None
     }

@@ -27,17 +27,15 @@ import lm_eval.models  # noqa: F401  (register the built-in models before ours, 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from adamergex_peft.config import ADAPTER_FIELDS, DEFAULT_ADAPTER_NAMES
+
 # Under lm-eval's logger hierarchy, so lm-eval's handler and level (LMEVAL_LOG_LEVEL) apply to these messages.
 logger = logging.getLogger("lm_eval.models.adamergex")
 
 MODEL_NAME = "adamergex"
 
-#: Names the three input adapters get inside the PeftModel, and the name of the merged adapter.
-ADAPTER_NAMES: dict[str, str] = {
-    "task_adapter": "task",
-    "source_reference_adapter": "source_reference",
-    "target_reference_adapter": "target_reference",
-}
+#: Names the three input adapters get inside the PeftModel (shared with the sweep), and the name of the merged adapter.
+ADAPTER_NAMES: dict[str, str] = dict(DEFAULT_ADAPTER_NAMES)
 MERGED_ADAPTER_NAME = "adamergex"
 
 _TRUE = ("true", "1", "yes", "on")
@@ -126,6 +124,82 @@ def _check_adapter(argument: str, location: str, revision: str | None, token: An
     return str(getattr(config.peft_type, "value", config.peft_type))
 
 
+def _check_required(pretrained: Any, locations: dict[str, Any]) -> None:
+    """Name every missing required argument in one message, as argparse does."""
+    missing = []
+    if pretrained is None or (isinstance(pretrained, str) and not pretrained.strip()):
+        missing.append("pretrained")
+    missing += [k for k, v in locations.items() if not isinstance(v, str) or not v.strip()]
+    if len(missing) == 1:
+        what = (
+            "the base model: a local folder or hub id"
+            if missing[0] == "pretrained"
+            else "a PEFT adapter folder or hub id"
+        )
+        raise _error(missing[0], f"required ({what})")
+    if missing:
+        raise _error(
+            ", ".join(missing), "required (pretrained: the base model; adapters: PEFT adapter folders or hub ids)"
+        )
+
+
+def _refuse_single_adapter_arguments(kwargs: dict[str, Any]) -> None:
+    """``peft=``/``delta=`` make no sense here: refuse a value, drop an empty one (modifies ``kwargs``)."""
+    for argument in ("peft", "delta"):
+        if kwargs.get(argument) not in (None, ""):
+            raise _error(
+                argument,
+                "not supported by --model adamergex (the adapter is built from task_adapter, "
+                "source_reference_adapter and target_reference_adapter); use --model hf for a single adapter",
+            )
+        kwargs.pop(argument, None)
+
+
+def _build_config(t, method, lora_strategy, ia3_strategy, svd_rank, arimerge_weights):
+    """The AdaMergeXConfig for the adapters as named in the PeftModel; errors name the model_arg."""
+    from adamergex_peft import AdaMergeXConfig, AdaMergeXError
+
+    try:
+        return AdaMergeXConfig.for_default_adapters(
+            t=_parse_float("t", t),
+            method=str(method),
+            lora_strategy=str(lora_strategy),
+            ia3_strategy=str(ia3_strategy),
+            svd_rank=_parse_optional_int("svd_rank", svd_rank),
+            arimerge_weights=parse_arimerge_weights(arimerge_weights),
+        )
+    except AdaMergeXError as err:
+        if err.field is not None and err.field not in ADAPTER_FIELDS:
+            raise _error(err.field, str(err)) from None
+        raise ValueError(f"adamergex model_args: {err}") from None
+
+
+def _check_distinct(locations: dict[str, str]) -> None:
+    same = {os.path.realpath(v) if os.path.isdir(v) else v for v in locations.values()}
+    if len(same) != len(locations):
+        source, target = (locations[k] for k in ("source_reference_adapter", "target_reference_adapter"))
+        argument = (
+            "target_reference_adapter" if os.path.realpath(source) == os.path.realpath(target) else "task_adapter"
+        )
+        raise _error(argument, "the three adapters must be different (the same adapter is given twice)")
+
+
+def _check_adapters(locations: dict[str, str], revision: str | None, token: Any) -> str:
+    """Read the three adapters' PEFT configs; they must share one PEFT type, which is returned."""
+    peft_types = {
+        argument: _check_adapter(argument, location, revision, token) for argument, location in locations.items()
+    }
+    if len(set(peft_types.values())) != 1:
+        found = ", ".join(f"{k}={v}" for k, v in peft_types.items())
+        raise _error(
+            "target_reference_adapter"
+            if peft_types["target_reference_adapter"] != peft_types["task_adapter"]
+            else "source_reference_adapter",
+            f"the three adapters must have the same PEFT type, got {found}",
+        )
+    return peft_types["task_adapter"]
+
+
 @register_model(MODEL_NAME)
 class AdaMergeXLM(HFLM):
     """HFLM evaluating the AdaMergeX target-language adapter built from three PEFT adapters.
@@ -140,8 +214,10 @@ class AdaMergeXLM(HFLM):
         source_reference_adapter: Reference adapter in the source language.
         target_reference_adapter: Reference adapter in the target language.
         t: Scale of the language gap (0: the task adapter as is; 1: the literal analogy).
-        method: ``adamergex`` (default), or a baseline: ``cross``, ``arimerge``, ``task_only``,
-            ``task_plus_target``.
+        method: a registered merge method (``adamergex_peft.methods.METHODS``): ``adamergex``
+            (default) or a baseline of the paper (``cross``, ``arimerge``, ``task_only``,
+            ``task_plus_target``); ``python -c "import adamergex_peft.methods as m; print(m.methods_help())"``
+            lists them with their references.
         lora_strategy: ``exact`` (default), ``svd`` or ``factorwise``.
         ia3_strategy: ``linear`` (default) or ``power``.
         svd_rank: Rank for ``lora_strategy=svd`` (default: the task adapter's rank).
@@ -175,77 +251,21 @@ class AdaMergeXLM(HFLM):
         adapter_revision: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if pretrained is None or (isinstance(pretrained, str) and not pretrained.strip()):
-            raise _error("pretrained", "required (the base model: a local folder or hub id)")
-        for argument in ("peft", "delta"):
-            if kwargs.get(argument) not in (None, ""):
-                raise _error(
-                    argument,
-                    "not supported by --model adamergex (the adapter is built from task_adapter, "
-                    "source_reference_adapter and target_reference_adapter); use --model hf for a single adapter",
-                )
-            kwargs.pop(argument, None)
         locations = {
             "task_adapter": task_adapter,
             "source_reference_adapter": source_reference_adapter,
             "target_reference_adapter": target_reference_adapter,
         }
-        for argument, location in locations.items():
-            if not isinstance(location, str) or not location.strip():
-                raise _error(argument, "required (a PEFT adapter folder or hub id)")
-        if adapter_revision is not None:
-            adapter_revision = str(adapter_revision)
-
-        from adamergex_peft import AdaMergeXConfig, AdaMergeXError
-
-        try:
-            self._adamergex_config = AdaMergeXConfig(
-                task_adapter=ADAPTER_NAMES["task_adapter"],
-                source_reference_adapter=ADAPTER_NAMES["source_reference_adapter"],
-                target_reference_adapter=ADAPTER_NAMES["target_reference_adapter"],
-                t=_parse_float("t", t),
-                method=str(method),
-                lora_strategy=str(lora_strategy),
-                ia3_strategy=str(ia3_strategy),
-                svd_rank=_parse_optional_int("svd_rank", svd_rank),
-                arimerge_weights=parse_arimerge_weights(arimerge_weights),
-            )
-        except AdaMergeXError as err:
-            # "AdaMergeXConfig.<field> must be ..." -> "adamergex model_args: <field>: must be ..."
-            message = str(err)
-            prefix = "AdaMergeXConfig."
-            if message.startswith(prefix) and " " in message:
-                field_name, rest = message[len(prefix) :].split(" ", 1)
-                raise _error(field_name, rest) from None
-            raise ValueError(f"adamergex model_args: {message}") from None
+        _check_required(pretrained, locations)
+        _refuse_single_adapter_arguments(kwargs)
+        self._adamergex_config = _build_config(t, method, lora_strategy, ia3_strategy, svd_rank, arimerge_weights)
         self._adapter_locations = {k: v.strip() for k, v in locations.items()}
-        same = {os.path.realpath(v) if os.path.isdir(v) else v for v in self._adapter_locations.values()}
-        if len(same) != len(self._adapter_locations):
-            source, target = (
-                self._adapter_locations[k] for k in ("source_reference_adapter", "target_reference_adapter")
-            )
-            argument = (
-                "target_reference_adapter" if os.path.realpath(source) == os.path.realpath(target) else "task_adapter"
-            )
-            raise _error(argument, "the three adapters must be different (the same adapter is given twice)")
-        self._adapter_revision = adapter_revision
+        _check_distinct(self._adapter_locations)
+        self._adapter_revision = None if adapter_revision is None else str(adapter_revision)
         self._merge_into_base = _parse_bool("merge_into_base", merge_into_base)
-
         # Fail fast, before the (possibly large) base model is loaded.
-        token = self._hub_token = kwargs.get("token")
-        peft_types = {
-            argument: _check_adapter(argument, location, adapter_revision, token)
-            for argument, location in self._adapter_locations.items()
-        }
-        if len(set(peft_types.values())) != 1:
-            found = ", ".join(f"{k}={v}" for k, v in peft_types.items())
-            raise _error(
-                "target_reference_adapter"
-                if peft_types["target_reference_adapter"] != peft_types["task_adapter"]
-                else "source_reference_adapter",
-                f"the three adapters must have the same PEFT type, got {found}",
-            )
-        self._adamergex_peft_type = peft_types["task_adapter"]
+        self._hub_token = kwargs.get("token")
+        self._adamergex_peft_type = _check_adapters(self._adapter_locations, self._adapter_revision, self._hub_token)
 
         if not isinstance(pretrained, str):
             # A model object: HFLM skips _create_model, so build the merged model here.
@@ -279,7 +299,7 @@ class AdaMergeXLM(HFLM):
             hub_kwargs["revision"] = self._adapter_revision
         if self._hub_token is not None:
             hub_kwargs["token"] = self._hub_token
-        order = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
+        order = ADAPTER_FIELDS
         first, *others = order
         logger.info("Loading adapters %s", {k: self._adapter_locations[k] for k in order})
         peft_model = PeftModel.from_pretrained(
