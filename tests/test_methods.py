@@ -119,3 +119,27 @@ def test_toy_method_closed_form_through_the_engine(strategy):
             @ result.state_dict[module + ".lora_A.weight"].double()
         )
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), module
+
+
+def test_ignored_setting_warnings_follow_the_declared_options(caplog):
+    model = tiny.lora_model(tiny.tiny_llama(), tiny.LLAMA_LORA_UNIFORM)
+    adapters = [_weights(model, n) for n in (T, RS, RG)]
+
+    def warnings_for(**settings) -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="adamergex_peft.merge"):
+            merge_state_dicts(*adapters, AdaMergeXConfig(**NAMES, **settings))
+        return caplog.text
+
+    assert "arimerge_weights=(0.3, 0.7) (method 'adamergex' does not read it)" in warnings_for(
+        arimerge_weights=(0.3, 0.7)
+    )
+    assert warnings_for(method="arimerge", arimerge_weights=(0.3, 0.7)) == ""
+    assert "lora_strategy='svd' (method 'arimerge' is factor-level)" in warnings_for(
+        method="arimerge", lora_strategy="svd"
+    )
+    assert "ia3_strategy='power' (LoRA adapters)" in warnings_for(ia3_strategy="power")
+    assert "svd_rank=2 (lora_strategy is not 'svd')" in warnings_for(svd_rank=2)
+    with registered(TASK_TWICE):  # declares lora_strategy and svd_rank, not arimerge_weights
+        assert warnings_for(method="task_twice", lora_strategy="svd", svd_rank=2) == ""
+        assert "method 'task_twice' does not read it" in warnings_for(method="task_twice", arimerge_weights=(1, 1))

@@ -47,7 +47,7 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES
+    from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES, OPTION_DEFAULTS
 
     parser = subparsers.add_parser(
         "merge",
@@ -94,9 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--arimerge-weights",
         type=float,
         nargs=2,
-        default=(0.5, 0.5),
+        default=OPTION_DEFAULTS["arimerge_weights"],
         metavar=("C0", "C1"),
-        help="Task and language weights for --method arimerge (default: 0.5 0.5).",
+        help="Task and language weights for --method arimerge (default: %(default)s).",
     )
     parser.add_argument(
         "--allow-different-base-models",
