@@ -109,7 +109,12 @@ class AdaMergeXConfig:
     )
     svd_rank: int | None = field(
         default=None,
-        metadata={"help": "Rank of the result for lora_strategy='svd'. Default: the task adapter's rank."},
+        metadata={
+            "help": (
+                "Rank of the result for lora_strategy='svd'. Default: the task adapter's rank. A rank above the "
+                "largest min(in, out) of the merged modules is capped to it (logged; larger would be zero padding)."
+            )
+        },
     )
     arimerge_weights: tuple[float, float] = field(
         default=OPTION_DEFAULTS["arimerge_weights"],

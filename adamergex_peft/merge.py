@@ -6,7 +6,8 @@ Both front ends use it: :mod:`adamergex_peft.model` (adapters inside a ``PeftMod
 the output can be saved with ``safetensors`` or loaded with ``set_peft_model_state_dict``.
 
 The per-module math lives in :mod:`adamergex_peft.merge_utils`; this module validates the inputs,
-walks the modules, picks the formula for ``(method, strategy)`` and builds the output config.
+walks the modules, applies the method registered in :mod:`adamergex_peft.methods` (its formula
+for the strategy) and builds the output config.
 Everything is validated and computed before anything is returned, so a caller that registers or
 writes the result only afterwards never leaves partial state behind.
 """
