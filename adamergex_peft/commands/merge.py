@@ -38,14 +38,6 @@ def methods_help() -> str:
     return methods_help()
 
 
-class _DeprecatedAlias(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        import warnings
-
-        warnings.warn(f"{option_string} is deprecated; use --task-adapter", FutureWarning, stacklevel=2)
-        setattr(namespace, self.dest, values)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES, OPTION_DEFAULTS
 
@@ -58,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--task-adapter", metavar="DIR", help="Task adapter, source language (required).")
-    parser.add_argument("--task", dest="task_adapter", action=_DeprecatedAlias, help=argparse.SUPPRESS)
+    # Deprecated spelling of --task-adapter, hidden from --help; still accepted so that old commands work.
+    parser.add_argument("--task", dest="task_adapter", help=argparse.SUPPRESS)
     parser.add_argument(
         "--source-reference", required=True, metavar="DIR", help="Reference (causal LM) adapter, source language."
     )
