@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from adamergex_peft.commands.merge import accept_negative_numbers, finite_float, method_choices, methods_help
-    from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES
+    from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES, METHODS
 
     parser = subparsers.add_parser(
         "sweep",
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(method, t) merge into the base weights in place, evaluate through lm-eval's Python API, and undo the "
             "merge. Results go to OUTPUT/sweep_results.{json,csv} and OUTPUT/sweep_plot.png after every point; "
             "running the same command again resumes from the points already done. Methods that do not use t "
-            "(task_only, arimerge) are evaluated once."
+            f"({', '.join(m for m, method in METHODS.items() if not method.uses_t)}) are evaluated once."
         ),
     )
     parser.add_argument("--base-model", required=True, help="Base model name or path.")
