@@ -291,7 +291,7 @@ register_method(
     MergeMethod(
         name="adamergex",
         reference="Zhao et al., AdaMergeX, NAACL 2025 (structure-adaptive operators)",
-        description="structure-adaptive operators: LoRA T + t (Rg - Rs), (IA)^3 T * (Rg / Rs)^t",
+        description="structure-adaptive operators: LoRA T + t (Rg - Rs), (IA)^3 T * (t (Rg / Rs - 1) + 1)",
         uses_t=True,
         roles=lambda t: {"T": 1.0, "Rg": t, "Rs": -t},
         lora=LINEAR_LORA,
