@@ -89,7 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs=2,
         default=OPTION_DEFAULTS["arimerge_weights"],
         metavar=("C0", "C1"),
-        help="Task and language weights for --method arimerge (default: %s %s)." % OPTION_DEFAULTS["arimerge_weights"],
+        help="Task and language weights for --method arimerge (default: {} {}).".format(
+            *OPTION_DEFAULTS["arimerge_weights"]
+        ),
     )
     parser.add_argument(
         "--allow-different-base-models",
