@@ -273,3 +273,12 @@ def test_lm_eval_model_names_every_missing_argument_and_maps_fields():
             lora_strategy="dense",
         )
     assert str(excinfo.value).startswith("adamergex model_args: lora_strategy: ")
+    with pytest.raises(ValueError) as excinfo:
+        model.AdaMergeXLM(
+            pretrained="m",
+            task_adapter="a",
+            source_reference_adapter="b",
+            target_reference_adapter="c",
+            allow_different_base_models="maybe",
+        )
+    assert str(excinfo.value).startswith("adamergex model_args: allow_different_base_models: ")

@@ -155,19 +155,12 @@ def _refuse_single_adapter_arguments(kwargs: dict[str, Any]) -> None:
         kwargs.pop(argument, None)
 
 
-def _build_config(t, method, lora_strategy, ia3_strategy, svd_rank, arimerge_weights):
+def _build_config(**settings: Any):
     """The AdaMergeXConfig for the adapters as named in the PeftModel; errors name the model_arg."""
     from adamergex_peft import AdaMergeXConfig, AdaMergeXError
 
     try:
-        return AdaMergeXConfig.for_default_adapters(
-            t=_parse_float("t", t),
-            method=str(method),
-            lora_strategy=str(lora_strategy),
-            ia3_strategy=str(ia3_strategy),
-            svd_rank=_parse_optional_int("svd_rank", svd_rank),
-            arimerge_weights=parse_arimerge_weights(arimerge_weights),
-        )
+        return AdaMergeXConfig.for_default_adapters(**settings)
     except AdaMergeXError as err:
         if err.field is not None and err.field not in ADAPTER_FIELDS:
             raise _error(err.field, str(err)) from None
@@ -225,6 +218,8 @@ class AdaMergeXLM(HFLM):
         merge_into_base: If true (default), add the merged update into the base weights and unload
             PEFT (plain transformers model, base-model speed). If false, keep a PeftModel with the
             merged adapter active (the three inputs are deleted from it).
+        allow_different_base_models: If true, adapters whose ``base_model_name_or_path`` differ are
+            merged with a warning instead of refused.
         adapter_revision: Hub revision of the three adapters (default: PEFT's default). HFLM's
             ``revision`` applies to the base model only.
         **kwargs: Every other HFLM argument (``dtype``, ``device``, ``batch_size``, ``revision``,
@@ -249,6 +244,7 @@ class AdaMergeXLM(HFLM):
         arimerge_weights: str | tuple[float, float] = "0.5:0.5",
         merge_into_base: bool | str = True,
         adapter_revision: str | None = None,
+        allow_different_base_models: bool | str = False,
         **kwargs: Any,
     ) -> None:
         locations = {
@@ -258,7 +254,15 @@ class AdaMergeXLM(HFLM):
         }
         _check_required(pretrained, locations)
         _refuse_single_adapter_arguments(kwargs)
-        self._adamergex_config = _build_config(t, method, lora_strategy, ia3_strategy, svd_rank, arimerge_weights)
+        self._adamergex_config = _build_config(
+            t=_parse_float("t", t),
+            method=str(method),
+            lora_strategy=str(lora_strategy),
+            ia3_strategy=str(ia3_strategy),
+            svd_rank=_parse_optional_int("svd_rank", svd_rank),
+            arimerge_weights=parse_arimerge_weights(arimerge_weights),
+            allow_different_base_models=_parse_bool("allow_different_base_models", allow_different_base_models),
+        )
         self._adapter_locations = {k: v.strip() for k, v in locations.items()}
         _check_distinct(self._adapter_locations)
         self._adapter_revision = None if adapter_revision is None else str(adapter_revision)
