@@ -339,3 +339,15 @@ class AdaMergeXLM(HFLM):
             "config": self._adamergex_config.to_dict(),
         }
         return info
+
+
+def _document_methods() -> None:
+    """Append the registered methods (name, reference) to the class docstring, from the registry."""
+    from adamergex_peft.methods import METHODS
+
+    if AdaMergeXLM.__doc__:
+        lines = "\n".join(f"        ``{m.name}``: {m.reference}" for m in METHODS.values())
+        AdaMergeXLM.__doc__ += f"\n    Methods (``method=``, from ``adamergex_peft.methods.METHODS``)::\n\n{lines}\n"
+
+
+_document_methods()
