@@ -96,8 +96,11 @@ def fake_peft(tmp_path):
     return {"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake_peft"), *sys.path])}
 
 
-@pytest.mark.parametrize("order", ["peft_first", "adamergex_first"])
+@pytest.mark.parametrize("order", ["peft_first", "adamergex_first", "adamergex_first_lm_eval_hook_off"])
 def test_methods_attached_in_either_import_order(fake_peft, order):
+    """Also with the lm-eval part of the hook disabled: ADAMERGEX_LM_EVAL_HOOK concerns lm-eval only."""
+    if order.endswith("_off"):
+        fake_peft = {**fake_peft, "ADAMERGEX_LM_EVAL_HOOK": "0"}
     first, second = ("import peft", "import adamergex_peft")[:: 1 if order == "peft_first" else -1]
     info = last_json(
         run(
