@@ -66,11 +66,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def choose_threads(requested: int | None = None) -> int | None:
+def choose_threads(requested: int | None = None, command_default: int | None = None) -> int | None:
     """The CPU thread count for torch; ``None``: leave it to the user's ``OMP_NUM_THREADS``.
 
-    ``--threads N`` wins; a set ``OMP_NUM_THREADS`` is respected (torch reads it); otherwise the
-    cores this process may use minus the 1-minute load average, at least 1. The commands run many
+    ``--threads N`` wins; a set ``OMP_NUM_THREADS`` is respected (torch reads it); then the
+    command's own default (``adamergex demo``: 1, because its table is reproducible only at a fixed
+    thread count: float sums run in another order); otherwise the cores this process may use minus
+    the 1-minute load average, at least 1. The commands run many
     small kernels (merges per module, tiny-model training and evaluation), where OpenMP threads
     that compete with other work for the same cores make each kernel wait for the slowest thread:
     2 threads on 2 busy cores were 80-160x slower than 1 (BENCHMARKS.md), while on idle cores
@@ -80,6 +82,8 @@ def choose_threads(requested: int | None = None) -> int | None:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return None
+    if command_default is not None:
+        return command_default
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         busy = os.getloadavg()[0]
@@ -125,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    _apply_threads(choose_threads(args.threads))
+    _apply_threads(choose_threads(args.threads, getattr(args, "default_threads", None)))
     try:
         with _sigterm_raises():
             return int(args.func(args) or 0)

@@ -73,6 +73,17 @@ def test_default_threads_are_the_cores_left_by_the_load(monkeypatch, load, expec
     assert cli.choose_threads(None) == expected
 
 
+def test_a_command_default_comes_after_the_user_settings(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cli.choose_threads(None, 1) == 1
+    assert cli.choose_threads(3, 1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli.choose_threads(None, 1) is None
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.default_threads == 1
+
+
 def test_threads_flag_reaches_torch_in_a_command():
     code = (
         "import sys, os; from adamergex_peft import cli; cli.main(['--threads', '1', 'tasks-dir']); "

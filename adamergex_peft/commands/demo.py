@@ -45,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--source-lang", default=None, help="Source language code (with --text-dir).")
     parser.add_argument("--target-langs", nargs="+", default=None, help="Target language codes (with --text-dir).")
     parser.add_argument("--progress", action="store_true", help="Show training and evaluation progress bars.")
-    parser.set_defaults(func=run)
+    # One thread unless --threads/OMP_NUM_THREADS say otherwise: the table is reproducible only at a fixed
+    # thread count, and the tiny model gains little from more (see adamergex_peft.cli.choose_threads).
+    parser.set_defaults(func=run, default_threads=1)
 
 
 #: Warnings of the libraries the demo drives, which would bury its own lines: (category, module regex).
