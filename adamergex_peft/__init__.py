@@ -3,7 +3,9 @@
 ``import adamergex_peft`` is cheap: it imports neither torch nor peft. The public names below are
 loaded on first use (PEP 562), and ``PeftModel.merge_crosslingual`` /
 ``PeftModel.merge_crosslingual_into_base`` are attached as soon as ``peft`` is imported (now, if
-it already is; otherwise by a one-shot import hook).
+it already is; otherwise right after ``peft.peft_model`` executes, by the distribution's one
+post-import hook, see :mod:`adamergex_peft._peft_hook`). ``ImportError`` if ``PeftModel`` already
+has one of these names for something else.
 
 >>> import adamergex_peft
 >>> from adamergex_peft import AdaMergeXConfig

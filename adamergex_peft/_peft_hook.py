@@ -1,14 +1,18 @@
 """Attach ``merge_crosslingual`` methods to ``peft.PeftModel`` without importing peft eagerly.
 
-If ``peft.peft_model`` is already imported, the methods are attached at once. Otherwise a
-meta-path finder waits for that module to finish executing, attaches them, and removes itself.
-This keeps ``import adamergex_peft`` free of torch/peft start-up cost (several seconds). The
+If ``peft.peft_model`` is already imported, the methods are attached at once; otherwise when it
+has executed, through the distribution's one post-import hook,
+:func:`adamergex_lm_eval._hook.when_imported` (standard library only; the same function serves
+lm-eval). This keeps ``import adamergex_peft`` free of torch/peft start-up cost (seconds). The
 methods import :mod:`adamergex_peft.model` only when called.
+
+A ``PeftModel`` that already has an attribute of either name that is not ours is a name clash
+(e.g. a PEFT release that ships its own ``merge_crosslingual``): :class:`ImportError`, never a
+silent choice between two meanings of ``model.merge_crosslingual``.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 import warnings
 from typing import Any
@@ -36,7 +40,18 @@ def merge_crosslingual_into_base(self, config: Any) -> Any:
     return impl(self, config)
 
 
-def _attach(module) -> None:
+METHODS = {"merge_crosslingual": merge_crosslingual, "merge_crosslingual_into_base": merge_crosslingual_into_base}
+_MARK = "_adamergex_peft_method"
+for _method in METHODS.values():
+    setattr(_method, _MARK, True)
+
+
+def attach(module) -> None:
+    """Set the methods on ``module.PeftModel``.
+
+    Raises:
+        ImportError: ``PeftModel`` already has an attribute of that name that is not ours.
+    """
     cls = getattr(module, "PeftModel", None)
     if cls is None:
         warnings.warn(
@@ -45,65 +60,34 @@ def _attach(module) -> None:
             stacklevel=2,
         )
         return
-    if not hasattr(cls, "merge_crosslingual"):
-        cls.merge_crosslingual = merge_crosslingual
-    if not hasattr(cls, "merge_crosslingual_into_base"):
-        cls.merge_crosslingual_into_base = merge_crosslingual_into_base
-
-
-class _AttachingLoader(importlib.abc.Loader):
-    """Delegates to the real loader of ``peft.peft_model``, then attaches the methods.
-
-    A wrapper rather than a patched loader: some loaders (zip imports, frozen apps) are shared by
-    many modules.
-    """
-
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        _uninstall()
-        _attach(module)
-
-    def __getattr__(self, name: str):  # get_source, get_resource_reader, is_package, ...
-        return getattr(self._loader, name)
-
-
-class _PeftModelFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; gives ``peft.peft_model`` a loader that runs ``_attach`` after it."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _AttachingLoader(spec.loader)
-        return spec
-
-
-_FINDER = _PeftModelFinder()
-
-
-def _uninstall() -> None:
-    if _FINDER in sys.meta_path:
-        sys.meta_path.remove(_FINDER)
+    for name in METHODS:
+        existing = getattr(cls, name, None)
+        if existing is not None and not getattr(existing, _MARK, False):
+            raise ImportError(
+                f"adamergex_peft: peft.PeftModel already has an attribute {name!r} that is not adamergex_peft's "
+                f"(defined by {getattr(existing, '__module__', type(existing).__name__)}); refusing to replace it. "
+                "Call adamergex_peft.merge_crosslingual(model, config, name) / merge_crosslingual_into_base(model, "
+                "config) instead, and report this to adamergex-peft."
+            )
+    for name, method in METHODS.items():
+        setattr(cls, name, method)
 
 
 def install() -> None:
-    """Attach now if ``peft.peft_model`` is loaded, else arrange to attach when it is."""
-    module = sys.modules.get(_TARGET)
-    if module is not None and hasattr(module, "PeftModel"):
-        _attach(module)
-    elif _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+    """Attach now if ``peft.peft_model`` is loaded, else when it is."""
+    try:
+        from adamergex_lm_eval._hook import when_imported
+    except ImportError:  # plugins/ not on sys.path: a bare source checkout, not an installation
+        module = sys.modules.get(_TARGET)
+        if module is not None:
+            attach(module)
+        else:
+            warnings.warn(
+                "adamergex_peft: the package adamergex_lm_eval (plugins/ in a checkout) is not importable, so "
+                "PeftModel.merge_crosslingual is attached only if peft is imported before adamergex_peft; "
+                "install the package (pip install -e .) or call adamergex_peft.merge_crosslingual(model, ...).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
+    when_imported(_TARGET, attach)

@@ -29,7 +29,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -448,12 +449,6 @@ def train_adapter(
     Returns:
         A :class:`TrainResult` with the logged losses.
     """
-    import torch
-    import transformers
-    from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
     if kind not in ("reference", "task"):
         raise ValueError(f"kind must be 'reference' or 'task', got {kind!r}")
     if config is None:
@@ -461,37 +456,97 @@ def train_adapter(
     elif recipe is not None or overrides or adapter is not None:
         raise ValueError("pass either config or recipe/adapter/overrides, not both")
     output_dir = Path(output_dir)
-
-    if isinstance(base_model, (str, os.PathLike)):
-        base_name = str(base_model)
-        model = load_base_model(base_name, config)
-        owns_model = True
-    else:
-        model = base_model
-        base_name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-        owns_model = False
-    if tokenizer is None:
-        if not isinstance(base_model, (str, os.PathLike)):
-            raise ValueError("pass tokenizer= when base_model is a model object")
-        tokenizer = load_tokenizer(str(base_model))
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(str(tokenizer))
+    model, base_name, owns_model = _resolve_model(base_model, config)
+    tokenizer = _resolve_tokenizer(base_model, tokenizer)
     pad_id = _ensure_pad_token(tokenizer)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-
     examples = load_examples(data, config.max_examples)
     dataset, skipped = tokenize_examples(examples, tokenizer, config, kind, encoder_decoder=encoder_decoder)
     logger.info("training a %s %s adapter on %d examples", kind, config.adapter, len(dataset))
 
-    if config.full_determinism:
-        transformers.enable_full_determinism(config.seed)
-    else:
-        transformers.set_seed(config.seed)
-    peft_model = get_peft_model(model, build_peft_config(config, encoder_decoder))
-    if config.gradient_checkpointing:
-        peft_model.enable_input_require_grads()
+    with scoped_determinism():  # Trainer(full_determinism=True) switches process-global torch settings on
+        trainer = _build_trainer(model, dataset, pad_id, config, output_dir, encoder_decoder, progress, callbacks)
+        if resume_from_checkpoint is True and not any((output_dir / "checkpoints").glob("checkpoint-*")):
+            logger.info("no checkpoint in %s/checkpoints: starting from scratch", output_dir)
+            resume_from_checkpoint = None
+        try:
+            train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            trainer.model.save_pretrained(str(output_dir))
+        finally:
+            if not owns_model:
+                trainer.model.unload()  # restore the caller's model (adapter layers removed)
+    return _save_result(trainer, train_output, output_dir, config, kind, len(dataset), skipped, base_name)
 
-    args = TrainingArguments(
+
+#: Environment variables that ``transformers.enable_full_determinism`` sets.
+_DETERMINISM_ENV = (
+    "CUDA_LAUNCH_BLOCKING",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "ASCEND_LAUNCH_BLOCKING",
+    "HCCL_DETERMINISTIC",
+    "FLASH_ATTENTION_DETERMINISTIC",
+)
+
+
+@contextmanager
+def scoped_determinism(seed: int | None = None) -> Iterator[None]:
+    """Restore torch's deterministic-algorithm and cuDNN flags and the related variables on exit.
+
+    With ``seed``, also seed everything and turn deterministic algorithms on inside the block
+    (``transformers.enable_full_determinism``); without, only what the block itself switches on
+    (e.g. a ``Trainer`` with ``full_determinism=True``) is undone.
+    """
+    import torch
+
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    env = {name: os.environ.get(name) for name in _DETERMINISM_ENV}
+    try:
+        if seed is not None:
+            import transformers
+
+            transformers.enable_full_determinism(seed)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _resolve_model(base_model: str | PreTrainedModel, config: TrainConfig) -> tuple[PreTrainedModel, str, bool]:
+    """(model, its name for the record, whether train_adapter loaded it itself)."""
+    if isinstance(base_model, (str, os.PathLike)):
+        return load_base_model(str(base_model), config), str(base_model), True
+    name = getattr(getattr(base_model, "config", None), "name_or_path", "") or type(base_model).__name__
+    return base_model, name, False
+
+
+def _resolve_tokenizer(
+    base_model: str | PreTrainedModel, tokenizer: str | PreTrainedTokenizerBase | None
+) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        if not isinstance(base_model, (str, os.PathLike)):
+            raise ValueError("pass tokenizer= when base_model is a model object")
+        return load_tokenizer(str(base_model))
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(str(tokenizer))
+    return tokenizer
+
+
+def _training_arguments(config: TrainConfig, output_dir: Path, progress: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
@@ -519,32 +574,43 @@ def train_adapter(
         disable_tqdm=not progress,
         **({"gradient_checkpointing": True} if config.gradient_checkpointing else {}),
     )
+
+
+def _build_trainer(model, dataset, pad_id, config, output_dir, encoder_decoder, progress, callbacks):
+    """Seed, inject the adapter (``get_peft_model``) and build the ``Trainer``."""
+    import transformers
+    from peft import get_peft_model
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    if config.full_determinism:
+        transformers.enable_full_determinism(config.seed)
+    else:
+        transformers.set_seed(config.seed)
+    peft_model = get_peft_model(model, build_peft_config(config, encoder_decoder))
+    if config.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
     trainer = Trainer(
         model=peft_model,
-        args=args,
+        args=_training_arguments(config, output_dir, progress),
         train_dataset=dataset,
         data_collator=PadCollator(pad_id),
         callbacks=list(callbacks or []),
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    if resume_from_checkpoint is True and not any((output_dir / "checkpoints").glob("checkpoint-*")):
-        logger.info("no checkpoint in %s/checkpoints: starting from scratch", output_dir)
-        resume_from_checkpoint = None
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(output_dir))
-    finally:
-        if not owns_model:
-            peft_model.unload()  # restore the caller's model (adapter layers removed)
+    return trainer
+
+
+def _save_result(trainer, train_output, output_dir, config, kind, num_examples, skipped, base_name) -> TrainResult:
+    """The :class:`TrainResult`, also written to ``adamergex_training.json`` beside the adapter."""
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     train_loss = getattr(train_output, "training_loss", None)
     result = TrainResult(
         output_dir=output_dir,
         config=config,
         kind=kind,
-        num_examples=len(dataset),
+        num_examples=num_examples,
         num_skipped=skipped,
         global_step=int(trainer.state.global_step),
         train_loss=None if train_loss is None or math.isnan(train_loss) else float(train_loss),

@@ -15,6 +15,7 @@ from adamergex_peft.demo.lm import TinyLMSize  # noqa: E402
 from adamergex_peft.demo.pipeline import CHART_PNG, MERGE_METHODS, QUICK, RESULTS_JSON, TABLE_TXT, run_demo  # noqa: E402
 from adamergex_peft.demo.world import NAMES, TOPICS, build_languages, sample_meanings, task_examples  # noqa: E402
 
+ORIGINAL_ENV = dict(os.environ)
 TINY = replace(
     QUICK,
     pretrain_sentences=300,
@@ -52,11 +53,20 @@ def test_world_languages_share_meanings_not_words():
         build_languages(0)
 
 
-def test_demo_cli_quick_end_to_end(tmp_path, capsys):
+def test_demo_cli_quick_end_to_end(tmp_path, capsys, monkeypatch):
+    import warnings
+
     from adamergex_peft.cli import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # keep this process's threads
+    from adamergex_peft.commands.demo import NOISY_WARNINGS
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
+    # The demo's warning filters were scoped to the run, and there never was an ignore-everything filter.
+    noisy = {module for _category, module in NOISY_WARNINGS}
+    assert not [f for f in warnings.filters if getattr(f[3], "pattern", f[3]) in noisy]
+    assert ("ignore", None, Warning, None, 0) not in warnings.filters
     printed = capsys.readouterr().out
     for method in (*MERGE_METHODS, "oracle", "base (no adapter)"):
         assert method in printed
@@ -74,10 +84,22 @@ def test_demo_cli_quick_end_to_end(tmp_path, capsys):
     for name in ("task", "ref_src", "ref_tgA", "oracle_tgA"):
         assert (out / "adapters" / "lora" / name / "adapter_config.json").is_file()
         assert (out / "adapters" / "ia3" / name / "adamergex_training.json").is_file()
+    # Every merge of one (family, language) is recorded in one sweep file, in the table's order.
+    sweep = json.loads((out / "eval" / "lora_tgA" / "sweep_results.json").read_text())
+    assert [p["method"] for p in sweep["points"]] == list(MERGE_METHODS)
 
 
 def test_demo_is_reproducible(tmp_path):
+    """Same seed, same numbers; and the run leaves torch's global settings and matplotlib's backend as they were."""
+    import matplotlib
+    import torch
+
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")  # raw: reading it normally would resolve it
+    torch.use_deterministic_algorithms(False)
     first = run_demo(tmp_path / "a", size=TINY, seed=3)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ or "CUBLAS_WORKSPACE_CONFIG" in ORIGINAL_ENV
+    assert dict.__getitem__(matplotlib.rcParams, "backend") == backend  # no matplotlib.use("Agg")
     second = run_demo(tmp_path / "b", size=TINY, seed=3)
     assert first.scores == second.scores
     assert first.training == second.training

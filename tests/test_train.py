@@ -154,6 +154,8 @@ def test_model_object_is_restored_and_reference_kind(tmp_path, base_dir, tokeniz
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [{"prompt": s, "completion": " ."} for s in _sentences(32)]
+    torch.use_deterministic_algorithms(False)
+    env_before = dict(os.environ)
     result = train_adapter(
         model,
         rows,
@@ -161,10 +163,15 @@ def test_model_object_is_restored_and_reference_kind(tmp_path, base_dir, tokeniz
         kind="reference",
         tokenizer=tokenizer,
         recipe="cpu-small-lora",
-        overrides={"logging_steps": 1},
+        overrides={"logging_steps": 1, "full_determinism": True},
         progress=False,
     )
     assert result.num_examples == 32 and result.losses
+    # Trainer(full_determinism=True) switches these on for the whole process: restored on return.
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert {k: os.environ.get(k) for k in ("CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG")} == {
+        k: env_before.get(k) for k in ("CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG")
+    }
     after = model.state_dict()
     assert set(after) == set(before)  # no adapter layers left behind
     assert all(torch.equal(before[k], after[k]) for k in before)

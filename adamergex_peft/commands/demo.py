@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,12 +45,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--source-lang", default=None, help="Source language code (with --text-dir).")
     parser.add_argument("--target-langs", nargs="+", default=None, help="Target language codes (with --text-dir).")
     parser.add_argument("--progress", action="store_true", help="Show training and evaluation progress bars.")
-    parser.set_defaults(func=run)
+    # One thread unless --threads/OMP_NUM_THREADS say otherwise: the table is reproducible only at a fixed
+    # thread count, and the tiny model gains little from more (see adamergex_peft.cli.choose_threads).
+    parser.set_defaults(func=run, default_threads=1)
 
 
-def _quiet(verbose: bool) -> None:
-    """Keep the demo's output to its own lines: library warnings and bars off unless -v."""
+#: Warnings of the libraries the demo drives, which would bury its own lines: (category, module regex).
+#: Only these are hidden, only while the demo runs, and only without -v/--progress; adamergex_peft's own
+#: warnings and every other category still show.
+NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (DeprecationWarning, r"(lm_eval|transformers|peft|datasets|accelerate|torch)(\.|$)"),
+    (FutureWarning, r"(lm_eval|transformers|peft|datasets|accelerate|torch)(\.|$)"),
+    (UserWarning, r"(lm_eval|transformers|datasets|accelerate|torch)(\.|$)"),
+)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Keep the demo's output to its own lines: library logs, bars and known-noisy warnings off unless -v."""
     if verbose:
+        yield
         return
     for name in ("lm_eval", "lm-eval", "transformers", "datasets", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -57,9 +74,10 @@ def _quiet(verbose: bool) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    with warnings.catch_warnings():
+        for category, module in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", category=category, module=module)
+        yield
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     from adamergex_peft.demo.pipeline import CHART_PNG, RESULTS_JSON, SIZES, run_demo, with_overrides
     from adamergex_peft.demo.report import format_table
 
-    _quiet(verbose=args.progress or logging.getLogger().level <= logging.INFO)
     size = with_overrides(
         SIZES["quick" if args.quick else "full"],
         num_targets=args.targets,
@@ -88,18 +105,19 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
 
-    result = run_demo(
-        args.output,
-        size=size,
-        seed=args.seed,
-        t=args.t,
-        base_model=args.base_model,
-        text_dir=args.text_dir,
-        source=args.source_lang,
-        targets=args.target_langs,
-        progress=args.progress,
-        log=log,
-    )
+    with _quiet(verbose=args.progress or logging.getLogger().level <= logging.INFO):
+        result = run_demo(
+            args.output,
+            size=size,
+            seed=args.seed,
+            t=args.t,
+            base_model=args.base_model,
+            text_dir=args.text_dir,
+            source=args.source_lang,
+            targets=args.target_langs,
+            progress=args.progress,
+            log=log,
+        )
     print()
     print(format_table(result))
     print()

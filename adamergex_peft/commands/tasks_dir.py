@@ -4,8 +4,9 @@ Use it with lm-eval's ``--include_path``::
 
     lm_eval --model adamergex --tasks adamergex_xcopa_sw --include_path "$(adamergex tasks-dir)" ...
 
-(With the package installed from a wheel, the ``adamergex_lm_eval`` start-up hook already adds
-this folder to lm-eval's task index, so ``--include_path`` is optional there.)
+(Where the ``adamergex_lm_eval.pth`` start-up hook is active, wheel and editable installs, it adds
+this folder to the index of every ``TaskManager`` that indexes lm-eval's built-in tasks, so
+``--include_path`` is optional for the ``lm_eval`` CLI there.)
 """
 
 from __future__ import annotations

@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from adamergex_peft.demo.lm import TinyLMSize
+from adamergex_peft.demo.results import (  # noqa: F401  (re-exported: the demo's public names)
+    CHART_PNG,
+    MERGE_METHODS,
+    RESULTS_JSON,
+    T_FREE_METHODS,
+    TABLE_TXT,
+    DemoResult,
+)
 
 logger = logging.getLogger(__name__)
-
-#: Methods of the table, in order; "oracle" and "base" are not merges.
-MERGE_METHODS: tuple[str, ...] = ("task_only", "task_plus_target", "arimerge", "cross", "adamergex")
-RESULTS_JSON = "demo_results.json"
-CHART_PNG = "demo_results.png"
-TABLE_TXT = "demo_table.txt"
 
 
 @dataclass(frozen=True)
@@ -171,44 +173,28 @@ def write_task_yaml(tasks_dir: Path, lang: str, test_file: Path) -> str:
 
 
 @dataclass
-class DemoResult:
-    """Everything :func:`run_demo` measured (also written to ``demo_results.json``)."""
+class _Run:
+    """What the steps of :func:`run_demo` share."""
 
-    settings: dict[str, Any]
-    source: str
-    targets: list[str]
-    scores: dict[str, dict[str, dict[str, float | None]]]  # family -> row -> lang -> accuracy (None: merge refused)
-    source_scores: dict[str, float]  # family -> task adapter's accuracy on the source test set
-    training: dict[str, Any]
-    timings: dict[str, float]
-    errors: list[dict[str, str]] = field(default_factory=list)
+    output: Path
+    size: DemoSize
+    seed: int
+    progress: bool
+    say: Callable[[str], None]
+    world: Path = Path()
+    source: str = ""
+    targets: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    _clock: float = field(default_factory=time.perf_counter)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Table rows: family, method, per-language scores, mean, share of the gap closed."""
-        from adamergex_peft.demo.report import table_rows
+    @property
+    def languages(self) -> list[str]:
+        return [self.source, *self.targets]
 
-        return table_rows(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": self.settings,
-            "source": self.source,
-            "targets": self.targets,
-            "scores": self.scores,
-            "source_scores": self.source_scores,
-            "table": self.rows(),
-            "training": self.training,
-            "timings": self.timings,
-            "errors": self.errors,
-        }
-
-
-def _set_determinism(seed: int) -> None:
-    import torch
-    import transformers
-
-    transformers.set_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self._clock, 2)
+        self._clock = now
 
 
 def run_demo(
@@ -226,6 +212,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole pipeline and write ``demo_results.json``, ``demo_table.txt`` and ``demo_results.png``.
 
+    Deterministic algorithms are on (seeded) for the run only: torch's previous settings are
+    restored on return.
+
     Args:
         output_dir: folder for everything (world, base model, adapters, task YAML, results).
         size: a :class:`DemoSize` or ``"full"`` / ``"quick"``.
@@ -238,228 +227,20 @@ def run_demo(
         log: called with one line per stage (the CLI prints them).
     """
     import torch
-    from peft import PeftModel
 
-    import adamergex_peft  # noqa: F401  (attaches PeftModel.merge_crosslingual*)
-    from adamergex_peft import AdaMergeXError
-    from adamergex_peft.data import build_reference_data, read_jsonl
-    from adamergex_peft.demo.lm import build_tiny_llama, pretrain_causal_lm
-    from adamergex_peft.demo.tokenizer import build_word_tokenizer
-    from adamergex_peft.sweep import SweepPoint, SweepResults, evaluate_points, make_evaluator
-    from adamergex_peft.train import resolve_config, train_adapter
+    from adamergex_peft.demo.report import write_outputs
+    from adamergex_peft.train import scoped_determinism
 
-    say = log or (lambda _msg: None)
     size = SIZES[size] if isinstance(size, str) else size
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 2)
-        clock = now
-
-    _set_determinism(seed)
-    # 1. The world.
-    if text_dir is None:
-        world = output / "world"
-        source, targets = write_synthetic_world(world, size, seed)
-        say(f"world: synthetic, source {source}, targets {', '.join(targets)} (written to {world})")
-    else:
-        world = Path(text_dir)
-        if not source or not targets:
-            raise ValueError("with --text-dir, give --source-lang and --target-langs")
-        targets = list(targets)
-        check_world(world, source, targets)
-        say(f"world: {world}, source {source}, targets {', '.join(targets)}")
-    languages = [source, *targets]
-    lap("world")
-
-    # 2. Tokenizer and base model.
-    if base_model is None:
-        texts = {lang: read_lines(world / f"{lang}.txt") for lang in languages}
-        task_texts = [
-            r["prompt"] + r["completion"] for lang in languages for r in read_jsonl(world / f"{lang}.train.jsonl")
-        ]
-        tokenizer = build_word_tokenizer([line for lines in texts.values() for line in lines] + task_texts)
-        model = build_tiny_llama(tokenizer, size.lm, seed=seed)
-        n_params = sum(p.numel() for p in model.parameters())
-        pretrain_text = []
-        for i in range(size.pretrain_sentences):  # interleave the languages
-            pretrain_text += [texts[lang][i] for lang in languages if i < len(texts[lang])]
-        say(f"base model: tiny Llama, {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; pretraining...")
-        pretrain_losses = pretrain_causal_lm(
-            model,
-            tokenizer,
-            pretrain_text,
-            str(output / "pretrain_checkpoints"),
-            max_length=size.pretrain_block,
-            batch_size=size.pretrain_batch,
-            epochs=size.pretrain_epochs,
-            learning_rate=size.pretrain_lr,
-            seed=seed,
-            progress=progress,
-        )
-        model.save_pretrained(output / "base_model")
-        tokenizer.save_pretrained(output / "base_model")
-        say(f"  pretraining loss {pretrain_losses[0][1]:.3f} -> {pretrain_losses[-1][1]:.3f}")
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-        pretrain_losses = []
-        say(f"base model: {base_model}")
-    model.eval()
-    lap("base_model")
-
-    # 3. Reference data: each language's text cut into windows.
-    data_dir = output / "data"
-    reference_files = {}
-    for lang in languages:
-        reference_files[lang] = data_dir / f"ref.{lang}.jsonl"
-        if text_dir is None:  # the synthetic text: windows from the part not used for pretraining
-            source_file = data_dir / f"text.{lang}.txt"
-            data_dir.mkdir(parents=True, exist_ok=True)
-            lines = read_lines(world / f"{lang}.txt")[size.pretrain_sentences :]
-            source_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        else:
-            source_file = world / f"{lang}.txt"
-        n = build_reference_data(
-            [source_file],
-            reference_files[lang],
-            lang,
-            unit="word",
-            window_size=size.window_size,
-            max_windows=size.reference_windows,
-            progress=progress,
-        )
-        if n == 0:
-            raise ValueError(f"{source_file}: not enough text for one window of {size.window_size} words")
-    say(f"reference data: {size.reference_windows} windows of {size.window_size} words per language")
-    lap("reference_data")
-
-    # 4. Adapters, trained with the same code as `adamergex train`.
-    adapters_dir = output / "adapters"
-    training: dict[str, Any] = {"pretrain_losses": pretrain_losses}
-    jobs = [("task", "task", world / f"{source}.train.jsonl")]
-    jobs += [(f"ref_{lang}", "reference", reference_files[lang]) for lang in languages]
-    jobs += [(f"oracle_{lang}", "task", world / f"{lang}.train.jsonl") for lang in targets]
-    for family in size.families:
-        for name, kind, data in jobs:
-            config = resolve_config(
-                f"cpu-small-{family}",
-                {
-                    "num_train_epochs": size.reference_epochs if kind == "reference" else size.adapter_epochs,
-                    "seed": seed,
-                    "full_determinism": True,
-                    "logging_steps": 1,
-                    "learning_rate": size.lora_lr if family == "lora" else size.ia3_lr,
-                    "max_length": max(size.pretrain_block, size.window_size + 8),
-                },
-            )
-            result = train_adapter(
-                model,
-                data,
-                adapters_dir / family / name,
-                kind=kind,
-                config=config,
-                tokenizer=tokenizer,
-                progress=progress,
-            )
-            losses = result.losses
-            training[f"{family}/{name}"] = {
-                "examples": result.num_examples,
-                "steps": result.global_step,
-                "first_loss": losses[0][1] if losses else None,
-                "last_loss": losses[-1][1] if losses else None,
-            }
-        say(f"adapters ({family}): task ({source}), reference ({', '.join(languages)}), oracle ({', '.join(targets)})")
-    lap("adapters")
-
-    # 5. Evaluation through lm-eval, merging into the base weights and undoing, as `adamergex sweep` does.
-    tasks_dir = output / "tasks"
-    task_names = {lang: write_task_yaml(tasks_dir, lang, world / f"{lang}.test.jsonl") for lang in languages}
-    scores: dict[str, dict[str, dict[str, float | None]]] = {}
-    source_scores: dict[str, float] = {}
-    errors: list[dict[str, str]] = []
-    evaluators = {
-        lang: make_evaluator(
-            tokenizer,
-            [task_names[lang]],
-            include_path=str(tasks_dir),
-            include_defaults=False,
-            batch_size=size.eval_batch_size,
-            seed=seed,
-            verbosity=None if progress else "ERROR",
-            progress=progress,
-        )
-        for lang in languages
-    }
-    for family in size.families:
-        fam_dir = adapters_dir / family
-        peft_model = PeftModel.from_pretrained(model, fam_dir / "task", adapter_name="task")
-        for name, _kind, _data in jobs[1:]:
-            peft_model.load_adapter(fam_dir / name, adapter_name=name)
-        peft_model.eval()
-        table: dict[str, dict[str, float]] = {}
-        with peft_model.disable_adapter():
-            table["base (no adapter)"] = {
-                lang: evaluators[lang](peft_model.get_base_model())["score"] for lang in targets
-            }
-        for lang in targets:
-            eval_dir = output / "eval" / f"{family}_{lang}"
-            done = SweepResults(settings={"family": family, "lang": lang})
-            for method in MERGE_METHODS:
-                point = SweepPoint(method, None if method in ("task_only", "arimerge") else float(t))
-                try:
-                    evaluate_points(
-                        peft_model,
-                        [point],
-                        evaluators[lang],
-                        done,
-                        eval_dir,
-                        adapters=("task", f"ref_{source}", f"ref_{lang}"),
-                        progress=progress,
-                        plot=False,
-                    )
-                    table.setdefault(method, {})[lang] = done.points[-1]["score"]
-                except AdaMergeXError as err:  # e.g. an (IA)^3 reference vector at or below zero
-                    table.setdefault(method, {})[lang] = None
-                    errors.append({"family": family, "method": method, "lang": lang, "error": str(err)})
-                    say(f"  {family} {method} {lang}: merge refused: {err}")
-            oracle = evaluate_points(
-                peft_model,
-                [SweepPoint("task_only", None)],
-                evaluators[lang],
-                SweepResults(settings={"family": family, "lang": lang, "adapter": f"oracle_{lang}"}),
-                eval_dir / "oracle",
-                adapters=(f"oracle_{lang}", f"ref_{source}", f"ref_{lang}"),
-                progress=progress,
-                plot=False,
-            )
-            table.setdefault("oracle", {})[lang] = oracle.points[0]["score"]
-        src_eval = evaluate_points(
-            peft_model,
-            [SweepPoint("task_only", None)],
-            evaluators[source],
-            SweepResults(settings={"family": family, "lang": source}),
-            output / "eval" / f"{family}_{source}",
-            adapters=("task", f"ref_{source}", f"ref_{targets[0]}"),  # task_only ignores the references
-            progress=progress,
-            plot=False,
-        )
-        source_scores[family] = src_eval.points[0]["score"]
-        order = ["base (no adapter)", *MERGE_METHODS, "oracle"]
-        scores[family] = {row: table[row] for row in order}
-        model = peft_model.unload()  # back to the plain base model for the next family
-        say(f"evaluated ({family}): {len(order)} rows x {len(targets)} target languages")
-    lap("evaluation")
-
+    run = _Run(Path(output_dir), size, seed, progress, log or (lambda _msg: None))
+    run.output.mkdir(parents=True, exist_ok=True)
+    with scoped_determinism(seed):
+        _prepare_world(run, text_dir, source, targets)
+        model, tokenizer, pretrain_losses = _base_model(run, base_model)
+        reference_files = _reference_data(run, synthetic=text_dir is None)
+        jobs = _adapter_jobs(run, reference_files)
+        training = {"pretrain_losses": pretrain_losses, **_train_adapters(run, model, tokenizer, jobs)}
+        scores, source_scores, errors = _evaluate(run, model, tokenizer, jobs, t)
     settings = {
         "seed": seed,
         "t": t,
@@ -470,19 +251,251 @@ def run_demo(
     }
     result = DemoResult(
         settings=settings,
-        source=source,
-        targets=list(targets),
+        source=run.source,
+        targets=list(run.targets),
         scores=scores,
         source_scores=source_scores,
         training=training,
-        timings=timings,
+        timings=run.timings,
         errors=errors,
     )
-    timings["total"] = round(sum(timings.values()), 2)
-    from adamergex_peft.demo.report import write_outputs
-
-    write_outputs(result, output)
+    run.timings["total"] = round(sum(run.timings.values()), 2)
+    write_outputs(result, run.output)
     return result
+
+
+def _prepare_world(run: _Run, text_dir, source: str | None, targets: Sequence[str] | None) -> None:
+    """Step 1: the synthetic world written to ``output/world``, or the user's data folder, checked."""
+    if text_dir is None:
+        run.world = run.output / "world"
+        run.source, run.targets = write_synthetic_world(run.world, run.size, run.seed)
+        run.say(f"world: synthetic, source {run.source}, targets {', '.join(run.targets)} (written to {run.world})")
+    else:
+        run.world = Path(text_dir)
+        if not source or not targets:
+            raise ValueError("with --text-dir, give --source-lang and --target-langs")
+        run.source, run.targets = source, list(targets)
+        check_world(run.world, run.source, run.targets)
+        run.say(f"world: {run.world}, source {run.source}, targets {', '.join(run.targets)}")
+    run.lap("world")
+
+
+def _base_model(run: _Run, base_model: str | None):
+    """Step 2: a word-level tokenizer and a tiny Llama pretrained on all languages, or ``base_model``."""
+    if base_model is not None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        run.say(f"base model: {base_model}")
+        model.eval()
+        run.lap("base_model")
+        return model, tokenizer, []
+
+    from adamergex_peft.data import read_jsonl
+    from adamergex_peft.demo.lm import build_tiny_llama, pretrain_causal_lm
+    from adamergex_peft.demo.tokenizer import build_word_tokenizer
+
+    size, world, languages = run.size, run.world, run.languages
+    texts = {lang: read_lines(world / f"{lang}.txt") for lang in languages}
+    task_texts = [
+        r["prompt"] + r["completion"] for lang in languages for r in read_jsonl(world / f"{lang}.train.jsonl")
+    ]
+    tokenizer = build_word_tokenizer([line for lines in texts.values() for line in lines] + task_texts)
+    model = build_tiny_llama(tokenizer, size.lm, seed=run.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    pretrain_text = []
+    for i in range(size.pretrain_sentences):  # interleave the languages
+        pretrain_text += [texts[lang][i] for lang in languages if i < len(texts[lang])]
+    run.say(f"base model: tiny Llama, {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; pretraining...")
+    losses = pretrain_causal_lm(
+        model,
+        tokenizer,
+        pretrain_text,
+        str(run.output / "pretrain_checkpoints"),
+        max_length=size.pretrain_block,
+        batch_size=size.pretrain_batch,
+        epochs=size.pretrain_epochs,
+        learning_rate=size.pretrain_lr,
+        seed=run.seed,
+        progress=run.progress,
+    )
+    model.save_pretrained(run.output / "base_model")
+    tokenizer.save_pretrained(run.output / "base_model")
+    run.say(f"  pretraining loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
+    model.eval()
+    run.lap("base_model")
+    return model, tokenizer, losses
+
+
+def _reference_data(run: _Run, synthetic: bool) -> dict[str, Path]:
+    """Step 3: each language's text cut into windows (``build-reference-data``); the files by language."""
+    from adamergex_peft.data import build_reference_data
+
+    size, data_dir = run.size, run.output / "data"
+    reference_files = {}
+    for lang in run.languages:
+        reference_files[lang] = data_dir / f"ref.{lang}.jsonl"
+        if synthetic:  # windows from the part of the text not used for pretraining
+            source_file = data_dir / f"text.{lang}.txt"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            lines = read_lines(run.world / f"{lang}.txt")[size.pretrain_sentences :]
+            source_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        else:
+            source_file = run.world / f"{lang}.txt"
+        n = build_reference_data(
+            [source_file],
+            reference_files[lang],
+            lang,
+            unit="word",
+            window_size=size.window_size,
+            max_windows=size.reference_windows,
+            progress=run.progress,
+        )
+        if n == 0:
+            raise ValueError(f"{source_file}: not enough text for one window of {size.window_size} words")
+    run.say(f"reference data: {size.reference_windows} windows of {size.window_size} words per language")
+    run.lap("reference_data")
+    return reference_files
+
+
+def _adapter_jobs(run: _Run, reference_files: dict[str, Path]) -> list[tuple[str, str, Path]]:
+    """(adapter name, kind, data file): the task adapter first, then references, then oracles."""
+    jobs = [("task", "task", run.world / f"{run.source}.train.jsonl")]
+    jobs += [(f"ref_{lang}", "reference", reference_files[lang]) for lang in run.languages]
+    jobs += [(f"oracle_{lang}", "task", run.world / f"{lang}.train.jsonl") for lang in run.targets]
+    return jobs
+
+
+def _train_adapters(run: _Run, model, tokenizer, jobs) -> dict[str, Any]:
+    """Step 4: every adapter of every family, with the same code as ``adamergex train``."""
+    from adamergex_peft.train import resolve_config, train_adapter
+
+    size, training = run.size, {}
+    for family in size.families:
+        for name, kind, data in jobs:
+            config = resolve_config(
+                f"cpu-small-{family}",
+                {
+                    "num_train_epochs": size.reference_epochs if kind == "reference" else size.adapter_epochs,
+                    "seed": run.seed,
+                    "full_determinism": True,
+                    "logging_steps": 1,
+                    "learning_rate": size.lora_lr if family == "lora" else size.ia3_lr,
+                    "max_length": max(size.pretrain_block, size.window_size + 8),
+                },
+            )
+            result = train_adapter(
+                model,
+                data,
+                run.output / "adapters" / family / name,
+                kind=kind,
+                config=config,
+                tokenizer=tokenizer,
+                progress=run.progress,
+            )
+            losses = result.losses
+            training[f"{family}/{name}"] = {
+                "examples": result.num_examples,
+                "steps": result.global_step,
+                "first_loss": losses[0][1] if losses else None,
+                "last_loss": losses[-1][1] if losses else None,
+            }
+        languages, targets = ", ".join(run.languages), ", ".join(run.targets)
+        run.say(f"adapters ({family}): task ({run.source}), reference ({languages}), oracle ({targets})")
+    run.lap("adapters")
+    return training
+
+
+def _evaluate(run: _Run, model, tokenizer, jobs, t: float):
+    """Step 5: lm-eval on every row, merging into the base weights and undoing, as ``adamergex sweep`` does.
+
+    Returns ``(scores, source_scores, errors)`` (see :class:`DemoResult`).
+    """
+    from peft import PeftModel
+
+    import adamergex_peft  # noqa: F401  (attaches PeftModel.merge_crosslingual*)
+    from adamergex_peft.sweep import make_evaluator
+
+    tasks_dir = run.output / "tasks"
+    task_names = {lang: write_task_yaml(tasks_dir, lang, run.world / f"{lang}.test.jsonl") for lang in run.languages}
+    evaluators = {
+        lang: make_evaluator(
+            tokenizer,
+            [task_names[lang]],
+            include_path=str(tasks_dir),
+            include_defaults=False,
+            batch_size=run.size.eval_batch_size,
+            seed=run.seed,
+            verbosity=None if run.progress else "ERROR",
+            progress=run.progress,
+        )
+        for lang in run.languages
+    }
+    scores, source_scores, errors = {}, {}, []
+    for family in run.size.families:
+        fam_dir = run.output / "adapters" / family
+        peft_model = PeftModel.from_pretrained(model, fam_dir / "task", adapter_name="task")
+        for name, _kind, _data in jobs[1:]:
+            peft_model.load_adapter(fam_dir / name, adapter_name=name)
+        peft_model.eval()
+        scores[family], source_scores[family] = _evaluate_family(run, peft_model, family, evaluators, t, errors)
+        model = peft_model.unload()  # back to the plain base model for the next family
+        run.say(f"evaluated ({family}): {len(scores[family])} rows x {len(run.targets)} target languages")
+    run.lap("evaluation")
+    return scores, source_scores, errors
+
+
+def _evaluate_family(run: _Run, peft_model, family: str, evaluators, t: float, errors: list) -> tuple[dict, float]:
+    """The rows of one adapter family (base, every merge, oracle) and the task adapter's source score."""
+    from adamergex_peft import AdaMergeXError
+    from adamergex_peft.sweep import SweepPoint, SweepResults, evaluate_points
+
+    source = run.source
+
+    def score(point: SweepPoint, evaluator, folder: Path, adapters: tuple[str, ...], results: SweepResults) -> float:
+        """Merge into the base at ``point``, evaluate, undo; the record is appended to ``results``."""
+        evaluate_points(
+            peft_model, [point], evaluator, results, folder, adapters=adapters, progress=run.progress, plot=False
+        )
+        return results.points[-1]["score"]
+
+    table: dict[str, dict[str, float | None]] = {}
+    with peft_model.disable_adapter():
+        table["base (no adapter)"] = {
+            lang: evaluators[lang](peft_model.get_base_model())["score"] for lang in run.targets
+        }
+    task_only = SweepPoint("task_only", None)
+    for lang in run.targets:
+        eval_dir = run.output / "eval" / f"{family}_{lang}"
+        references = (f"ref_{source}", f"ref_{lang}")
+        done = SweepResults(settings={"family": family, "lang": lang})  # every merge of this language, one file
+        for method in MERGE_METHODS:
+            point = SweepPoint(method, None if method in T_FREE_METHODS else float(t))
+            try:
+                value = score(point, evaluators[lang], eval_dir, ("task", *references), done)
+            except AdaMergeXError as err:  # e.g. an (IA)^3 reference vector at or below zero
+                value = None
+                errors.append({"family": family, "method": method, "lang": lang, "error": str(err)})
+                run.say(f"  {family} {method} {lang}: merge refused: {err}")
+            table.setdefault(method, {})[lang] = value
+        oracle = SweepResults(settings={"family": family, "lang": lang, "adapter": f"oracle_{lang}"})
+        adapters = (f"oracle_{lang}", *references)
+        table.setdefault("oracle", {})[lang] = score(
+            task_only, evaluators[lang], eval_dir / "oracle", adapters, oracle
+        )
+    source_score = score(
+        task_only,
+        evaluators[source],
+        run.output / "eval" / f"{family}_{source}",
+        ("task", f"ref_{source}", f"ref_{run.targets[0]}"),  # task_only ignores the references
+        SweepResults(settings={"family": family, "lang": source}),
+    )
+    order = ["base (no adapter)", *MERGE_METHODS, "oracle"]
+    return {row: table[row] for row in order}, source_score
 
 
 def with_overrides(size: DemoSize, **overrides: Any) -> DemoSize:

@@ -5,44 +5,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from adamergex_peft.demo.pipeline import DemoResult
+from adamergex_peft.demo.results import CHART_PNG, RESULTS_JSON, TABLE_TXT, DemoResult, gap_share, table_rows
+
+__all__ = ["FAMILY_LABELS", "chart_png", "format_table", "gap_share", "table_rows", "write_outputs"]
 
 FAMILY_LABELS = {"lora": "LoRA", "ia3": "(IA)^3"}
-
-
-def gap_share(score: float, task_only: float, oracle: float) -> float | None:
-    """Share of the task_only-to-oracle gap that ``score`` closes; ``None`` if there is no gap."""
-    gap = oracle - task_only
-    if gap <= 1e-9:
-        return None
-    return (score - task_only) / gap
-
-
-def table_rows(result: DemoResult) -> list[dict[str, Any]]:
-    """One row per (family, method): per-language accuracy, mean, and the gap share on the mean."""
-    rows = []
-    for family, table in result.scores.items():
-        means = {
-            method: None if any(x is None for x in v.values()) else sum(v.values()) / len(v)
-            for method, v in table.items()
-        }
-        for method, per_lang in table.items():
-            share = None
-            if None not in (means[method], means["task_only"], means["oracle"]):
-                share = gap_share(means[method], means["task_only"], means["oracle"])
-            rows.append(
-                {
-                    "family": family,
-                    "method": method,
-                    "scores": dict(per_lang),
-                    "mean": means[method],
-                    "gap_closed": share,
-                }
-            )
-    return rows
 
 
 def _pct(value: float | None) -> str:
@@ -98,10 +67,7 @@ def chart_png(result: DemoResult) -> bytes:
     """Grouped bars: accuracy per method and target language, one panel per adapter family."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # the Figure API draws without pyplot or a backend switch
 
     families = list(result.scores)
     fig = Figure(figsize=(5.5 * len(families), 4.2), dpi=100)
@@ -140,7 +106,6 @@ def _clean(obj: Any) -> Any:
 def write_outputs(result: DemoResult, output: Path) -> dict[str, Path]:
     """Write ``demo_results.json``, ``demo_table.txt`` and ``demo_results.png`` atomically."""
     from adamergex_peft.atomic import atomic_write_bytes, atomic_write_text
-    from adamergex_peft.demo.pipeline import CHART_PNG, RESULTS_JSON, TABLE_TXT
 
     paths = {"json": output / RESULTS_JSON, "table": output / TABLE_TXT, "png": output / CHART_PNG}
     atomic_write_text(paths["json"], json.dumps(_clean(result.to_dict()), indent=2) + "\n")
