@@ -10,12 +10,12 @@ import subprocess
 import sys
 
 import pytest
-import tiny
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from adamergex_peft import AdaMergeXConfig, AdaMergeXError, merge_adapter_files
+from adamergex_peft import testing as tiny
 
 T, RS, RG = "task", "ref_en", "ref_sw"
 
