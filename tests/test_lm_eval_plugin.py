@@ -126,14 +126,8 @@ def _parent_site_dirs() -> list[str]:
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ADAMERGEX_LM_EVAL_HOOK")}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"),
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
+    # The offline variables come from conftest.py (inherited through os.environ).
+    env.update(HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"), OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
