@@ -129,7 +129,8 @@ def test_sweep_writes_outputs_and_resumes(sweep_setup, tmp_path):
 
     data = json.loads((out / RESULTS_JSON).read_text())
     assert data["best"]["score"] == max(by_key.values())
-    rows = list(csv.DictReader((out / RESULTS_CSV).open()))
+    with (out / RESULTS_CSV).open() as handle:
+        rows = list(csv.DictReader(handle))
     assert [(r["method"], r["t"]) for r in rows] == [("adamergex", "0.0"), ("adamergex", "1.0"), ("task_only", "")]
     assert (out / PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
