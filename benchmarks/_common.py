@@ -373,82 +373,49 @@ def build_eval_fixture(root: Path, n_docs: int = 200, hidden: int = 512, layers:
     and a local multiple-choice task ``bench_mc`` (``n_docs`` documents, metric acc). Offline."""
     import random
 
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
 
-    from adamergex_peft import merge_adapter_files
+    from adamergex_peft import merge_adapter_files, testing
 
     root = Path(root)
     rng = random.Random(0)
     sentences = [" ".join(rng.choice(EVAL_WORDS) for _ in range(rng.randint(4, 12))) for _ in range(400)]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = testing.bpe_tokenizer(sentences, vocab_size=512)
+    model = testing.tiny_llama(
+        tokenizer=tokenizer,
+        hidden=hidden,
+        layers=layers,
+        heads=8,
+        kv_heads=None,
+        intermediate=3 * hidden,
+        max_positions=512,
     )
-    tokenizer.train_from_iterator(sentences, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    base = root / "base"
-    model.save_pretrained(base)
-    fast.save_pretrained(base)
-
-    import json
-    import textwrap
-
-    from peft import LoraConfig, get_peft_model
+    base = testing.save_model(model, tokenizer, root / "base")
 
     lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LORA_MODULES), task_type="CAUSAL_LM")
     dirs = {}
     for role, seed in (("T", 1), ("Rs", 2), ("Rg", 3)):
         peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base), lora)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(0.02 * torch.randn(param.shape, generator=gen))
+        testing.randomize_(peft_model, "default", seed, std=0.02, only="lora_B")  # B is zero after PEFT's init
         dirs[role] = root / f"adapter_{role}"
         peft_model.save_pretrained(dirs[role])
     merged = merge_adapter_files(dirs["T"], dirs["Rs"], dirs["Rg"], root / "merged")
 
     tasks = root / "tasks"
-    tasks.mkdir()
     docs = []
     for _ in range(n_docs):
         premise, a, b = (" ".join(rng.choice(EVAL_WORDS) for _ in range(rng.randint(n, n + 4))) for n in (6, 2, 2))
         docs.append({"premise": premise, "choice1": a, "choice2": b, "label": rng.randint(0, 1)})
-    (tasks / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tasks / "bench_mc.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: bench_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {tasks / "mc.jsonl"}
-        test_split: train
-        output_type: multiple_choice
-        doc_to_text: "{{{{premise}}}} because"
-        doc_to_choice: "{{{{[choice1, choice2]}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-        metadata:
-          version: 1.0
-        """)
+    testing.write_jsonl(docs, tasks / "mc.jsonl")
+    testing.write_task_yaml(
+        tasks,
+        "bench_mc",
+        tasks / "mc.jsonl",
+        doc_to_text="{{premise}} because",
+        doc_to_choice="{{[choice1, choice2]}}",
+        doc_to_target="label",
     )
     return {"base": base, **dirs, "merged": merged, "tasks": tasks, "n_params": n_params}
 

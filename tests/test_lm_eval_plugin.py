@@ -3,13 +3,18 @@
 The plugin is tested the way a user has it: installed from a wheel, so that the start-up hook
 ``adamergex_lm_eval.pth`` sits at the root of site-packages. If the interpreter running pytest
 already has such an install (CI: ``pip install ".[test,lm-eval]"``, non-editable), it is used
-directly; otherwise (an editable development install) the session builds a wheel of this checkout
-and installs it, without dependencies, into a throwaway venv made with ``--system-site-packages``
-(a few seconds; building the wheel needs hatchling, from PyPI or already installed).
+directly; otherwise (an editable development install, or the checkout on ``PYTHONPATH``) the
+session builds a wheel of this checkout and installs it, without dependencies, into a throwaway
+venv that sees this interpreter's site-packages folders through a ``.pth`` file of plain paths
+(so lm-eval, torch, ... come from here, while the editable install's own ``.pth`` files, which
+would put the checkout first, are not run). A few seconds; building the wheel needs hatchling,
+from PyPI or already installed.
 
 lm-eval runs in subprocesses (``lm_eval ...``) on a tiny random Llama, a tokenizer trained in the
 test, adapters saved with non-identity weights, and two tiny local tasks (one multiple_choice,
-one generate_until) written to ``tmp_path``.
+one generate_until) written to ``tmp_path``, all from :mod:`adamergex_peft.testing`. The
+three-way parity check (``--model adamergex`` == ``--model hf,peft=<merged>``) runs in this process
+in the default suite and through the real CLI under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from adamergex_peft import testing
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE = REPO / "plugins"
@@ -89,8 +96,18 @@ def plugin_env(tmp_path_factory) -> dict[str, Path]:
     subprocess.run(build, check=True, cwd=work, capture_output=True, text=True)
     (wheel,) = wheel_dir.glob("adamergex_peft-*.whl")
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # Not --system-site-packages: made from a venv's interpreter, that would see the base Python's
+    # site-packages, not this environment's (where lm-eval is).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    child_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # Plain paths: appended after the venv's own site-packages, their .pth files are not run.
+    Path(child_site, "_parent_site_packages.pth").write_text("".join(d + "\n" for d in _parent_site_dirs()))
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
         check=True,
@@ -101,16 +118,16 @@ def plugin_env(tmp_path_factory) -> dict[str, Path]:
     return {"python": python, "lm_eval": lm_eval, "adamergex": venv / "bin" / "adamergex"}
 
 
+def _parent_site_dirs() -> list[str]:
+    """This interpreter's site-packages folders (its venv's and any it inherits), in ``sys.path`` order."""
+    site_dirs = {os.path.realpath(d) for d in _site_dirs() if os.path.isdir(d)}
+    return [p for p in dict.fromkeys(sys.path) if p and os.path.realpath(p) in site_dirs]
+
+
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ADAMERGEX_LM_EVAL_HOOK")}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"),
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
+    # The offline variables come from conftest.py (inherited through os.environ).
+    env.update(HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"), OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
@@ -136,59 +153,14 @@ TEXT = [
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random 2-layer Llama (hidden 32) and a BPE tokenizer trained on a few lines, in one folder."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(TEXT, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    tokenizer = testing.bpe_tokenizer(TEXT, vocab_size=320)
+    model = testing.tiny_llama(tokenizer=tokenizer, kv_heads=None, max_positions=256)
+    return testing.save_model(model, tokenizer, tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _save_adapter(base_dir: Path, peft_type: str, seed: int, out: Path) -> Path:
-    import torch
-    from peft import IA3Config, LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM.from_pretrained(base_dir)
-    if peft_type == "lora":
-        config = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-        )
-    else:
-        config = IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
-        )
-    peft_model = get_peft_model(model, config)
-    if peft_type == "ia3":  # positive vectors around 1, so the reference ratio is well defined
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "ia3_l" in name:
-                    param.uniform_(0.6, 1.4)
-    peft_model.save_pretrained(out)
-    return out
+    """A random adapter: LoRA r=4 on q, v, down; (IA)^3 on k, v, down (positive vectors, not ones)."""
+    return testing.save_adapter(base_dir, peft_type, seed, out)
 
 
 @pytest.fixture(scope="session", params=["lora", "ia3"])
@@ -224,45 +196,25 @@ def tiny_tasks(tmp_path_factory) -> Path:
     """A task folder with ``tiny_mc`` (multiple_choice, acc) and ``tiny_gen`` (generate_until, exact_match)."""
     folder = tmp_path_factory.mktemp("tiny_tasks")
     mc = [{"premise": p, "choice1": a, "choice2": b, "label": label} for p, a, b, label in MC_DOCS]
-    gen = [{"question": q, "answer": a} for q, a in GEN_DOCS]
-    (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mc))
-    (folder / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gen))
-    (folder / "tiny_mc.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {folder / "mc.jsonl"}
-        test_split: train
-        output_type: multiple_choice
-        doc_to_text: "{{{{premise}}}} because"
-        doc_to_choice: "{{{{[choice1, choice2]}}}}"
-        doc_to_target: label
-        metric_list:
-          - metric: acc
-        metadata:
-          version: 1.0
-        """)
+    testing.write_jsonl(mc, folder / "mc.jsonl")
+    testing.write_jsonl([{"question": q, "answer": a} for q, a in GEN_DOCS], folder / "gen.jsonl")
+    testing.write_task_yaml(
+        folder,
+        "tiny_mc",
+        folder / "mc.jsonl",
+        doc_to_text="{{premise}} because",
+        doc_to_choice="{{[choice1, choice2]}}",
+        doc_to_target="label",
     )
-    (folder / "tiny_gen.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: tiny_gen
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {folder / "gen.jsonl"}
-        test_split: train
-        output_type: generate_until
-        doc_to_text: "question: {{{{question}}}} answer:"
-        doc_to_target: " {{{{answer}}}}"
-        generation_kwargs:
-          until: ["\\n"]
-          max_gen_toks: 6
-          do_sample: false
-        metric_list:
-          - metric: exact_match
-        metadata:
-          version: 1.0
-        """)
+    testing.write_task_yaml(
+        folder,
+        "tiny_gen",
+        folder / "gen.jsonl",
+        output_type="generate_until",
+        doc_to_text="question: {{question}} answer:",
+        doc_to_target=" {{answer}}",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+        metrics=["exact_match"],
     )
     return folder
 
@@ -515,13 +467,75 @@ def base_results(plugin_env, tiny_model, tiny_tasks, tmp_path_factory) -> dict:
     return _lm_eval(plugin_env, tmp, "hf", f"pretrained={tiny_model}", "tiny_mc,tiny_gen", tiny_tasks, "base")
 
 
+def _assert_parity(via_hf: dict, into_base: dict, as_adapter: dict, base: dict) -> None:
+    """adamergex merged into the base and as a PEFT adapter score like hf with the merged adapter."""
+    assert _scores(into_base) == _scores(via_hf)
+    assert _scores(as_adapter) == _scores(via_hf)
+    # Same per-document outputs: bit-identical for the same adapter, within float rounding when merged.
+    assert _responses(as_adapter, "tiny_mc") == _responses(via_hf, "tiny_mc")
+    assert _responses(as_adapter, "tiny_gen") == _responses(via_hf, "tiny_gen")
+    assert _responses(into_base, "tiny_gen") == _responses(via_hf, "tiny_gen")
+    ll_hf = [float(x[0]) for doc in _responses(via_hf, "tiny_mc") for x in doc]
+    ll_merged = [float(x[0]) for doc in _responses(into_base, "tiny_mc") for x in doc]
+    assert ll_merged == pytest.approx(ll_hf, rel=1e-4, abs=1e-4)
+    # ... and the merged adapter really changed the model (the comparison above is not vacuous).
+    ll_base = [float(x[0]) for doc in _responses(base, "tiny_mc") for x in doc]
+    assert max(abs(a - b) for a, b in zip(ll_base, ll_hf)) > 1e-3
+
+
+def test_adamergex_lm_matches_hf_peft_with_merged_adapter_in_process(
+    plugin_module, tiny_model, adapters, tiny_tasks, tmp_path
+):
+    """The parity check of the CLI test below, on lm-eval's ``simple_evaluate`` in this process (fast).
+
+    The merged adapter is written by ``merge_adapter_files`` with the same settings (LoRA: the
+    defaults; (IA)^3: the non-default ia3_strategy=power, passed as a model argument).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from adamergex_peft import AdaMergeXConfig, merge_adapter_files
+
+    names = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
+    paths = {k: str(adapters[k]) for k in names}
+    settings = {"ia3_strategy": "power"} if adapters["peft_type"] == "ia3" else {}
+    merged = merge_adapter_files(
+        *paths.values(), tmp_path / "merged", config=AdaMergeXConfig(**paths, t=T, **settings)
+    )
+    task_manager = TaskManager(include_path=str(tiny_tasks), include_defaults=False)
+
+    def evaluate(lm) -> dict:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=["tiny_mc", "tiny_gen"], task_manager=task_manager, log_samples=True
+        )
+        results["samples"] = {k: sorted(v, key=lambda r: r["doc_id"]) for k, v in results["samples"].items()}
+        return results
+
+    common = {"pretrained": str(tiny_model), "device": "cpu", "batch_size": 2}
+    via_hf = evaluate(HFLM(**common, peft=str(merged)))
+    into_base = evaluate(plugin_module.AdaMergeXLM(**common, **paths, t=T, **settings))
+    as_adapter = evaluate(plugin_module.AdaMergeXLM(**common, **paths, t=T, merge_into_base=False, **settings))
+    base = evaluate(HFLM(**common))
+    _assert_parity(via_hf, into_base, as_adapter, base)
+    # The AdaMergeX settings are recorded in the results.
+    info = into_base["config"]["adamergex"]
+    assert info["config"]["t"] == T and info["merge_into_base"] is True
+    assert info["config"]["ia3_strategy"] == settings.get("ia3_strategy", "linear")
+    assert info["peft_type"] == adapters["peft_type"].upper()
+    assert as_adapter["config"]["adamergex"]["merge_into_base"] is False
+
+
+@pytest.mark.slow
 def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
     plugin_env, tiny_model, adapters, tiny_tasks, base_results, tmp_path
 ):
     """`--model adamergex` (merged into the base, or as a PEFT adapter) scores exactly like `--model hf,peft=<merged>`.
 
-    The merged adapter is written by the installed `adamergex merge` with the same settings
-    (LoRA: the defaults; (IA)^3: the non-default ia3_strategy=power, passed through model_args).
+    Through the real CLI (three lm_eval subprocesses per adapter type, ~1.5 min each: slow; the
+    same parity runs in process in the default suite). The merged adapter is written by the
+    installed `adamergex merge` with the same settings (LoRA: the defaults; (IA)^3: the
+    non-default ia3_strategy=power, passed through model_args).
     """
     task, src, tgt = (adapters[k] for k in ("task_adapter", "source_reference_adapter", "target_reference_adapter"))
     settings = {"ia3_strategy": "power"} if adapters["peft_type"] == "ia3" else {}
@@ -553,18 +567,7 @@ def test_lm_eval_adamergex_matches_hf_peft_with_merged_adapter(
         }
         via_hf, into_base, as_adapter = (futures[name].result() for name in runs)
 
-    assert _scores(into_base) == _scores(via_hf)
-    assert _scores(as_adapter) == _scores(via_hf)
-    # Same per-document outputs: bit-identical for the same adapter, within float rounding when merged.
-    assert _responses(as_adapter, "tiny_mc") == _responses(via_hf, "tiny_mc")
-    assert _responses(as_adapter, "tiny_gen") == _responses(via_hf, "tiny_gen")
-    assert _responses(into_base, "tiny_gen") == _responses(via_hf, "tiny_gen")
-    ll_hf = [float(x[0]) for doc in _responses(via_hf, "tiny_mc") for x in doc]
-    ll_merged = [float(x[0]) for doc in _responses(into_base, "tiny_mc") for x in doc]
-    assert ll_merged == pytest.approx(ll_hf, rel=1e-4, abs=1e-4)
-    # ... and the merged adapter really changed the model (the comparison above is not vacuous).
-    ll_base = [float(x[0]) for doc in _responses(base_results, "tiny_mc") for x in doc]
-    assert max(abs(a - b) for a, b in zip(ll_base, ll_hf)) > 1e-3
+    _assert_parity(via_hf, into_base, as_adapter, base_results)
     # The AdaMergeX settings are recorded in the results JSON.
     assert into_base["config"]["model"] == "adamergex"
     assert into_base["config"]["adamergex"]["config"]["t"] == T

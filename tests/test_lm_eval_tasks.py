@@ -514,9 +514,7 @@ def test_xlsum_rouge_l_on_known_pairs():
 
 
 def _cli_env(data_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({utils.DATA_DIR_ENV: str(data_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    return env
+    return {**os.environ, utils.DATA_DIR_ENV: str(data_dir)}  # offline variables: from conftest.py
 
 
 def _lm_eval(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -574,35 +572,13 @@ def test_lm_eval_cli_runs_tasks_from_include_path(data_dir, tmp_path):
 
 
 def _tiny_hflm():
-    import torch
     from lm_eval.models.huggingface import HFLM
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    core.train_from_iterator(["Premise: Question: Answer: Context: the man broke his toe"], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    from adamergex_peft import testing
+
+    text = ["Premise: Question: Answer: Context: the man broke his toe"]
+    tokenizer = testing.bpe_tokenizer(text, vocab_size=300, unk_token=None, pad_token="<pad>")
+    model = testing.tiny_llama(tokenizer=tokenizer, max_positions=512)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=512, device="cpu")
 
 

@@ -10,12 +10,12 @@ import subprocess
 import sys
 
 import pytest
-import tiny
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from adamergex_peft import AdaMergeXConfig, AdaMergeXError, merge_adapter_files
+from adamergex_peft import testing as tiny
 
 T, RS, RG = "task", "ref_en", "ref_sw"
 
@@ -31,22 +31,21 @@ def save_adapters(model: PeftModel, root) -> dict[str, str]:
     return folders
 
 
+def _three_adapter_dirs(folder, build, spec) -> dict[str, str]:
+    """Save the three adapters of ``spec`` (the task one as ``default``, at the folder's root)."""
+    model = build(tiny.tiny_llama(), {"default": spec[T], **{k: spec[k] for k in (RS, RG)}})
+    folders = save_adapters(model, folder)
+    return {T: folders["default"], RS: folders[RS], RG: folders[RG]}
+
+
 @pytest.fixture
 def lora_dirs(tmp_path):
-    model = tiny.lora_model(
-        tiny.tiny_llama(), {"default": tiny.LLAMA_LORA[T], **{k: tiny.LLAMA_LORA[k] for k in (RS, RG)}}
-    )
-    folders = save_adapters(model, tmp_path / "lora_adapters")
-    return {T: folders["default"], RS: folders[RS], RG: folders[RG]}
+    return _three_adapter_dirs(tmp_path / "lora_adapters", tiny.lora_model, tiny.LLAMA_LORA)
 
 
 @pytest.fixture
 def ia3_dirs(tmp_path):
-    model = tiny.ia3_model(
-        tiny.tiny_llama(), {"default": tiny.LLAMA_IA3[T], **{k: tiny.LLAMA_IA3[k] for k in (RS, RG)}}
-    )
-    folders = save_adapters(model, tmp_path / "ia3_adapters")
-    return {T: folders["default"], RS: folders[RS], RG: folders[RG]}
+    return _three_adapter_dirs(tmp_path / "ia3_adapters", tiny.ia3_model, tiny.LLAMA_IA3)
 
 
 def in_model_result(dirs, config: AdaMergeXConfig) -> dict[str, torch.Tensor]:

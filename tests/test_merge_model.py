@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import tiny
 import torch
 from peft import LoraConfig
 from peft.tuners.ia3 import IA3Layer
@@ -17,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 
 import adamergex_peft  # noqa: F401  (attaches PeftModel.merge_crosslingual)
 from adamergex_peft import AdaMergeXConfig, AdaMergeXError, merge_crosslingual, merge_crosslingual_into_base
+from adamergex_peft import testing as tiny
 from adamergex_peft.merge import AdapterWeights, merge_state_dicts
 
 T, RS, RG = "task", "ref_en", "ref_sw"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from adamergex_peft.sweep import (  # noqa: E402
+from adamergex_peft import testing
+from adamergex_peft.sweep import (
     PLOT_PNG,
     RESULTS_CSV,
     RESULTS_JSON,
@@ -62,34 +59,30 @@ def test_summarize_lm_eval_picks_metrics():
 @pytest.fixture(scope="module")
 def sweep_setup(tmp_path_factory):
     """A tiny base model, three random LoRA adapters, and a local multiple-choice lm-eval task."""
-    from peft import LoraConfig, get_peft_model
-
-    from adamergex_peft.data import write_jsonl
-    from adamergex_peft.demo.lm import TinyLMSize, build_tiny_llama
-    from adamergex_peft.demo.pipeline import write_task_yaml
-    from adamergex_peft.demo.tokenizer import build_word_tokenizer
-
     root = tmp_path_factory.mktemp("sweep")
-    tokenizer = build_word_tokenizer([" ".join(WORDS)])
-    size = TinyLMSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, initializer_range=0.3)
-    base = build_tiny_llama(tokenizer, size)
-    base.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    tokenizer = testing.word_tokenizer([" ".join(WORDS)])
+    # A large init (0.3): a random model's output layer is nearly flat at the usual 0.02.
+    base = testing.tiny_llama(tokenizer=tokenizer, heads=2, kv_heads=None, max_positions=256, initializer_range=0.3)
+    testing.save_model(base, tokenizer, root / "base")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     for seed, name in enumerate(("task", "ref_src", "ref_tgt")):
-        import torch
-
-        torch.manual_seed(100 + seed)
-        model = build_tiny_llama(tokenizer, size)
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        get_peft_model(model, cfg).save_pretrained(root / name)
+        testing.save_adapter(root / "base", "lora", 100 + seed, root / name, settings=lora)
     rows = [
         {"prompt": f"{s} {v} the {o} . topic :", "choices": ["food", "study"], "label": int(o == "book")}
         for s in ("ana", "bo")
         for v in ("eat", "read")
         for o in ("apple", "book")
     ]
-    write_jsonl(rows, root / "test.jsonl")
-    write_task_yaml(root / "tasks", "sweeptest", root / "test.jsonl")
+    testing.write_jsonl(rows, root / "test.jsonl")
+    testing.write_task_yaml(
+        root / "tasks",
+        "adamergex_demo_sweeptest",
+        root / "test.jsonl",
+        doc_to_text="prompt",
+        doc_to_choice="choices",
+        doc_to_target="label",
+        target_delimiter=" ",
+    )
     return root
 
 
@@ -136,7 +129,8 @@ def test_sweep_writes_outputs_and_resumes(sweep_setup, tmp_path):
 
     data = json.loads((out / RESULTS_JSON).read_text())
     assert data["best"]["score"] == max(by_key.values())
-    rows = list(csv.DictReader((out / RESULTS_CSV).open()))
+    with (out / RESULTS_CSV).open() as handle:
+        rows = list(csv.DictReader(handle))
     assert [(r["method"], r["t"]) for r in rows] == [("adamergex", "0.0"), ("adamergex", "1.0"), ("task_only", "")]
     assert (out / PLOT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -28,28 +28,26 @@ class TinyLMSize:
 def build_tiny_llama(
     tokenizer: PreTrainedTokenizerBase, size: TinyLMSize = TinyLMSize(), seed: int = 0
 ) -> LlamaForCausalLM:
-    """A randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer`` (fp32, deterministic init)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer`` (fp32, deterministic init).
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden_size,
-        intermediate_size=size.intermediate_size,
-        num_hidden_layers=size.num_layers,
-        num_attention_heads=size.num_heads,
-        num_key_value_heads=size.num_heads,
-        max_position_embeddings=size.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    Built by :func:`adamergex_peft.testing.tiny_llama` (tied embeddings, as many key/value heads as
+    heads), returned in training mode.
+    """
+    from adamergex_peft.testing import tiny_llama
+
+    model = tiny_llama(
+        seed,
+        size.hidden_size,
+        tokenizer=tokenizer,
+        layers=size.num_layers,
+        heads=size.num_heads,
+        kv_heads=None,
+        intermediate=size.intermediate_size,
+        max_positions=size.max_position_embeddings,
         initializer_range=size.initializer_range,
+        tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return model.train()
 
 
 def pretrain_causal_lm(
