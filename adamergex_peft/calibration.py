@@ -54,7 +54,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "agreement_with_source",
     "binary_auc",
+    "binary_auc_of_items",
     "calibrated_accuracy",
+    "calibrated_accuracy_of_items",
     "calibrated_confidence",
     "calibrated_predictions",
     "least_prior_shift",
@@ -496,6 +498,44 @@ def calibrated_accuracy(
     L = _check_loglik(loglik)
     y = _check_labels(labels, L.shape[0], L.shape[1])
     return float((calibrated_predictions(L, target) == y).double().mean())
+
+
+def _split_items(items: Sequence[tuple[int, Sequence[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    if len(items) == 0:
+        raise ValueError("no items")
+    golds, lls = zip(*items)
+    k = {len(row) for row in lls}
+    if len(k) != 1:
+        raise ValueError(f"items have different numbers of choices: {sorted(k)}")
+    return torch.tensor([int(g) for g in golds], dtype=torch.long), torch.tensor(lls, dtype=torch.float64)
+
+
+def calibrated_accuracy_of_items(
+    items: Sequence[tuple[int, Sequence[float]]], target: torch.Tensor | Sequence[float] | None = None
+) -> float:
+    """:func:`calibrated_accuracy` over ``(gold, choice log-likelihoods)`` pairs (lm-eval's per-item values).
+
+    Calibration uses every item's log-likelihoods; an item whose gold index is outside
+    ``[0, k)`` (lm-eval marks a bad label with -100) is calibrated but scored wrong, as lm-eval's
+    ``acc`` scores it.
+    """
+    golds, L = _split_items(items)
+    pred = calibrated_predictions(L, target)
+    return float((pred == golds).double().mean())
+
+
+def binary_auc_of_items(items: Sequence[tuple[int, Sequence[float]]]) -> float:
+    """:func:`binary_auc` of the margin ``L[i, 1] - L[i, 0]`` over ``(gold, [ll_0, ll_1])`` pairs.
+
+    Items whose gold index is not 0 or 1 are left out.
+    """
+    golds, L = _split_items(items)
+    if L.shape[1] != 2:
+        raise ValueError(f"AUC needs two choices per item, got {L.shape[1]}")
+    keep = (golds == 0) | (golds == 1)
+    return binary_auc(L[keep, 1] - L[keep, 0], golds[keep])
 
 
 # --------------------------------------------------------------------------------------
