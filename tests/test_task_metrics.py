@@ -102,7 +102,7 @@ def run(tmp_path_factory):
         bootstrap_iters=0,
     )
     tasks = tm.load(["adamergex_xcopa_mc_sw", "adamergex_xnli_mc_de"])["tasks"]
-    yield out, tasks
+    yield out, tasks, lm
     mp.undo()
 
 
@@ -120,7 +120,7 @@ def _auc_by_pairs(margin: list[float], gold: list[int]) -> float:
 
 
 def test_xcopa_reports_acc_calibrated_and_auc(run):
-    out, _ = run
+    out = run[0]
     res = out["results"]["adamergex_xcopa_mc_sw"]
     L, gold = _logliks(out["samples"]["adamergex_xcopa_mc_sw"])
     assert L.shape == (N_XCOPA, 2)
@@ -134,7 +134,7 @@ def test_xcopa_reports_acc_calibrated_and_auc(run):
 
 
 def test_xnli_reports_acc_calibrated_and_no_auc(run):
-    out, _ = run
+    out = run[0]
     res = out["results"]["adamergex_xnli_mc_de"]
     L, gold = _logliks(out["samples"]["adamergex_xnli_mc_de"])
     assert L.shape == (N_XNLI, 3)
@@ -145,14 +145,14 @@ def test_xnli_reports_acc_calibrated_and_no_auc(run):
 
 
 def test_group_averages_the_new_metrics(run):
-    out, _ = run
+    out = run[0]
     group = out["results"]["adamergex_xcopa_mc"]
     assert "acc_calibrated,none" in group and "auc,none" in group
 
 
 def test_acc_and_acc_norm_equal_lm_eval_builtin_scoring(run):
     """Our process_results gives, per document, the values of lm-eval's own multiple-choice scoring."""
-    out, tasks = run
+    out, tasks, _ = run
     for name, task in tasks.items():
         samples = {s["doc_id"]: s for s in out["samples"][name]}
         docs = list(task.test_docs())
@@ -190,3 +190,56 @@ def test_multiple_choice_results_ties_and_bad_gold():
     }
     with pytest.raises(ValueError, match="unknown multiple-choice metric"):
         utils.multiple_choice_results(tie, 0, metrics=("f1",))
+
+
+def _readme_blocks() -> tuple[str, str]:
+    """The python and yaml snippets of lm_eval_tasks/README.md's "your own multiple-choice task" recipe."""
+    text = (TASKS_DIR / "README.md").read_text(encoding="utf-8")
+    recipe = text[text.index("**Adding them to your own multiple-choice task**") :]
+    python = recipe.split("```python\n", 1)[1].split("```", 1)[0]
+    yaml_part = recipe.split("```yaml\n", 1)[1].split("```", 1)[0]
+    return python, yaml_part
+
+
+def test_readme_recipe_for_your_own_task(run, tmp_path):
+    """The README's few lines, pasted into a user's task folder, report acc_calibrated and auc."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    python, yaml_part = _readme_blocks()
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "utils.py").write_text(python, encoding="utf-8")
+    data = tmp_path / "my_test.jsonl"
+    docs = [{"prompt": f"Item {i} is", "choices": ["red", "blue"], "label": i % 2} for i in range(8)]
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    header = "\n".join(
+        [
+            "task: my_binary_task",
+            "dataset_path: json",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    test: {json.dumps(str(data))}",
+            "test_split: test",
+            "output_type: multiple_choice",
+            "doc_to_text: prompt",
+            "doc_to_choice: choices",
+            "doc_to_target: label",
+            "target_delimiter: ' '",
+            "",
+        ]
+    )
+    (folder / "my_binary_task.yaml").write_text(header + yaml_part, encoding="utf-8")
+    lm = run[2]
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["my_binary_task"],
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    got = res["results"]["my_binary_task"]
+    L, gold = _logliks(res["samples"]["my_binary_task"])
+    assert got["acc_calibrated,none"] == pytest.approx(cal.calibrated_accuracy(L, gold), abs=1e-12)
+    assert got["auc,none"] == pytest.approx(_auc_by_pairs((L[:, 1] - L[:, 0]).tolist(), gold.tolist()), abs=1e-12)
+    assert got["acc,none"] == pytest.approx(float((L.argmax(1) == gold).double().mean()))
