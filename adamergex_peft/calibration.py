@@ -24,7 +24,8 @@ items, rows with all answers equally likely), and then :func:`prior_offsets` ret
 of the reachable count vector closest to ``c`` (see there).
 
 Algorithm (exact, finite): successive shortest paths on the ``k``-node *class graph*. Start from
-the plain argmax (optimal for its own counts); while a class holds more items than targeted,
+the argmax of ``L + b0`` (optimal for its own counts, for any ``b0``; ``b0`` from a few steps
+of soft prior re-estimation, so that few moves remain); while a class holds more items than targeted,
 move one item along the cheapest path of single-item moves from an over-full class to an
 under-full one, where the edge ``s -> j`` costs ``min_{i: a(i)=s} (L[i, s] - L[i, j])``. This is
 the successive-shortest-path min-cost-flow algorithm on the bipartite item/class network, whose
@@ -182,7 +183,15 @@ def _optimal_assignment(L: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     import torch
 
     n, k = L.shape
-    assign = L.argmax(dim=1)
+    # Warm start: any argmax(L + b) is optimal for its own counts, so start from offsets that
+    # roughly match the soft shares to the counts (prior re-estimation, Saerens et al. 2002);
+    # the exact moves below then only fix the remainder.
+    log_target = torch.log(counts.double().clamp(min=1e-3) / n)
+    b = torch.zeros(k, dtype=torch.float64)
+    for _ in range(30):
+        share = torch.softmax(L + b, dim=1).mean(dim=0)
+        b = b + log_target - torch.log(share.clamp(min=1e-300))
+    assign = (L + b).argmax(dim=1)
     excess = torch.bincount(assign, minlength=k) - counts
     scale = 1e-12 * (1.0 + float(L.abs().max()))
     while bool((excess > 0).any()):
@@ -323,8 +332,10 @@ def prior_offsets(loglik: torch.Tensor, target: torch.Tensor | Sequence[float] |
       index among equals). Otherwise count vectors are tried by increasing L1 distance from
       ``c`` (equally far: more items in lower class indices first), each by solving the exact
       assignment problem for it; the first reachable one is returned, which is then the closest.
-      After 64 unreachable vectors the search stops with a warning and returns the max-margin
-      offsets of the optimal assignment for ``c`` (ties then broken towards the lowest index).
+      After 64 unreachable vectors the search stops with a warning and returns offsets from a
+      coordinate local search (one offset moved to its best breakpoint at a time, while the
+      counts get closer) started at the optimal assignment's dual offsets: closer than those,
+      but not guaranteed the closest.
 
     Args:
         loglik: (n, k) per-item choice log-likelihoods (any real scores; finite).
@@ -363,14 +374,72 @@ def prior_offsets(loglik: torch.Tensor, target: torch.Tensor | Sequence[float] |
                 return found
         if tried >= _MAX_TIE_CANDIDATES:
             break
+    offsets, _ = _separating_offsets(L, _optimal_assignment(L, counts.clone()))
+    offsets = _local_search(L, offsets, counts)
     logger.warning(
         "prior_offsets: the target counts %s are not reachable (tied items) and no reachable counts were found "
-        "among the %d nearest; returning the offsets of the optimal assignment (ties to the lowest class)",
+        "among the %d nearest; returning offsets found by local search, with counts %s",
         base,
         tried,
+        _counts_of(L, offsets).tolist(),
     )
-    offsets, _ = _separating_offsets(L, _optimal_assignment(L, counts.clone()))
     return offsets
+
+
+def _distance_key(cnt: torch.Tensor, counts: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """Order of count vectors: L1 distance to the target, then more items in lower classes first."""
+    return int((cnt - counts).abs().sum()), tuple(-x for x in cnt.tolist())
+
+
+def _local_search(L: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, max_rounds: int = 100) -> torch.Tensor:
+    """Coordinate descent on the offsets: move one ``b[j]`` to the best breakpoint, while counts improve.
+
+    With the other offsets fixed, item ``i`` is predicted ``j`` iff ``b[j] > t_i = max_{l != j}
+    (L[i, l] + b[l]) - L[i, j]`` (ties aside), so the reachable counts are those with the items of
+    the ``r`` smallest ``t_i`` in class ``j``; every ``b[j]`` between two consecutive distinct
+    ``t`` is tried (the midpoint). Monotone in the order of :func:`_distance_key`, so it stops.
+    """
+    import torch
+
+    n, k = L.shape
+    b = offsets.clone()
+    best = _distance_key(_counts_of(L, b), counts)
+    for _ in range(max_rounds):
+        improved = None
+        for j in range(k):
+            others = L + b
+            others[:, j] = -math.inf
+            other_best, other_class = others.max(dim=1)
+            t = other_best - L[:, j]
+            order = torch.argsort(t, stable=True)
+            t_sorted = t[order].tolist()
+            # counts when the first r items (by t) are in class j: base counts of the others minus them
+            onehot = torch.nn.functional.one_hot(other_class[order], k).long()
+            base = onehot.sum(dim=0)
+            taken = torch.cat([torch.zeros(1, k, dtype=torch.long), onehot.cumsum(dim=0)])
+            for r in range(n + 1):
+                if 0 < r < n and t_sorted[r - 1] == t_sorted[r]:
+                    continue  # not separable here
+                cnt = base - taken[r]
+                cnt[j] = r
+                key = _distance_key(cnt, counts)
+                if key < best and (improved is None or key < improved[0]):
+                    if r == 0:
+                        value = t_sorted[0] - 1.0
+                    elif r == n:
+                        value = t_sorted[-1] + 1.0
+                    else:
+                        value = 0.5 * (t_sorted[r - 1] + t_sorted[r])
+                    improved = (key, j, value)
+        if improved is None:
+            break
+        trial = b.clone()
+        trial[improved[1]] = improved[2]
+        key = _distance_key(_counts_of(L, trial), counts)
+        if not key < best:  # float rounding or lowest-index tie-breaks: stop rather than loop
+            break
+        b, best = trial, key
+    return b - b.mean()
 
 
 def _binary_offsets(L: torch.Tensor, c1: int) -> torch.Tensor:

@@ -309,3 +309,23 @@ def test_rules_need_points():
     for rule in (cal.least_prior_shift, cal.calibrated_confidence):
         with pytest.raises(ValueError, match="at least one point"):
             rule([])
+
+
+def test_tie_search_budget_exhausted_falls_back_to_local_search(monkeypatch, caplog):
+    gen = torch.Generator().manual_seed(11)
+    L = torch.randint(0, 3, (60, 3), generator=gen).double()
+    counts = cal.target_counts(60, 3)
+    dual, _ = cal._separating_offsets(L, cal._optimal_assignment(L, counts.clone()))
+    monkeypatch.setattr(cal, "_MAX_TIE_CANDIDATES", 1)
+    with caplog.at_level("WARNING", logger="adamergex_peft.calibration"):
+        offsets = cal.prior_offsets(L)
+    assert "not reachable" in caplog.text
+    got = torch.tensor(counts_of(L, offsets))
+    assert int((got - counts).abs().sum()) <= int((torch.tensor(counts_of(L, dual)) - counts).abs().sum())
+    # no single offset move improves further (the local search stopped at a local optimum)
+    for j in range(3):
+        for value in torch.linspace(-5, 5, 201).tolist():
+            trial = offsets.clone()
+            trial[j] = value
+            moved = torch.tensor(counts_of(L, trial))
+            assert int((moved - counts).abs().sum()) >= int((got - counts).abs().sum())
