@@ -243,3 +243,13 @@ def test_readme_recipe_for_your_own_task(run, tmp_path):
     assert got["acc_calibrated,none"] == pytest.approx(cal.calibrated_accuracy(L, gold), abs=1e-12)
     assert got["auc,none"] == pytest.approx(_auc_by_pairs((L[:, 1] - L[:, 0]).tolist(), gold.tolist()), abs=1e-12)
     assert got["acc,none"] == pytest.approx(float((L.argmax(1) == gold).double().mean()))
+
+
+def test_source_checkout_without_the_package_on_sys_path(monkeypatch):
+    """utils.py finds ../adamergex_peft/calibration.py by file when adamergex_peft cannot be imported."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "adamergex_peft", None)  # import adamergex_peft -> ImportError
+    utils = _utils()
+    assert utils.aggregate_acc_calibrated([(0, [1.0, 0.0]), (1, [2.0, 1.5])]) == 1.0
+    assert Path(utils._calibration().__file__) == TASKS_DIR.parent / "adamergex_peft" / "calibration.py"
