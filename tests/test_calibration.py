@@ -133,8 +133,8 @@ def test_binary_ties_give_closest_reachable_count():
     # margins 1, 1, 1, 0: class 1 can hold 0, 3 or 4 items; target 2 -> 3 is closest (distance 1 < 2)
     L = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
     assert cal.calibrated_predictions(L).tolist() == [1, 1, 1, 0]
-    # margins 1, 1, 0, 0: class 1 can hold 0, 2 or 4 items; target 1 of 3... use n=4 target [0.75,.25]:
-    # reachable 0 or 2, both at distance 1 -> the smaller (more items in class 0)
+    # margins 1, 1, 0, 0: class 1 can hold 0, 2 or 4 items; target [0.75, 0.25] wants 1: 0 and 2 are
+    # equally close -> the smaller (more items in class 0)
     L = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
     assert cal.calibrated_predictions(L, [0.75, 0.25]).tolist() == [0, 0, 0, 0]
 
