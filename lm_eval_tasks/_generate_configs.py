@@ -72,9 +72,9 @@ DATASETS: dict[str, dict[str, Any]] = {
 GROUP_METRICS = {
     "mgsm": ["acc"],
     "xcopa": ["acc"],
-    "xcopa_mc": ["acc", "acc_norm"],
+    "xcopa_mc": ["acc", "acc_norm", "acc_calibrated", "auc"],
     "xnli": ["acc"],
-    "xnli_mc": ["acc"],
+    "xnli_mc": ["acc", "acc_calibrated"],
     "xquad": ["exact_match", "f1"],
     "xlsum": ["rougeL"],
 }
@@ -172,12 +172,16 @@ def task_config(task: str, lang: str, variant: str) -> dict[str, Any]:
     return cfg
 
 
+# Group versions that differ from 1.0 (see the README's changelog).
+GROUP_VERSIONS = {"adamergex_xcopa_mc": 1.1, "adamergex_xnli_mc": 1.1}
+
+
 def group_config(group: str, tasks: list[str], metrics: list[str] | None) -> dict[str, Any]:
     """A group over tasks; metrics are averaged over languages with equal weight (the paper's "Avg")."""
     cfg: dict[str, Any] = {"group": group, "task": tasks}
     if metrics:
         cfg["aggregate_metric_list"] = [{"metric": m, "aggregation": "mean", "weight_by_size": False} for m in metrics]
-    cfg["metadata"] = {"version": 1.0}
+    cfg["metadata"] = {"version": GROUP_VERSIONS.get(group, 1.0)}
     return cfg
 
 

@@ -3,10 +3,15 @@
 Everything that the task YAML cannot express lives here: the dataset loader that the YAML
 refers to with ``custom_dataset: !function utils.load_adamergex_dataset`` (hub or local
 JSONL, plus the paper's seeded sampling), and the ``process_results`` functions that turn
-one greedy generation into the paper's metrics.
+one greedy generation into the paper's metrics. The log-likelihood (``_mc``) tasks add
+``acc_calibrated`` and (two choices) ``auc``: their ``process_results`` hand lm-eval one
+``(gold, choice log-likelihoods)`` pair per document, and the corpus-level aggregations
+(``aggregate_acc_calibrated``, ``aggregate_auc``) calibrate the whole evaluated set with
+``adamergex_peft.calibration``.
 
 This module is imported by lm-eval from its file path, so it depends on nothing but the
-standard library at import time; ``datasets`` and ``rouge_score`` are imported where used.
+standard library at import time; ``datasets``, ``rouge_score``, ``numpy`` and
+``adamergex_peft.calibration`` (torch) are imported where used.
 """
 
 from __future__ import annotations
@@ -418,11 +423,135 @@ def process_results_xlsum(doc: dict[str, Any], results: list[str]) -> dict[str, 
     return {"rougeL": rouge_l_f1(results[0].strip(), doc["summary"])}
 
 
+# --------------------------------------------------------------------------------------
+# Log-likelihood (multiple-choice) tasks: acc, acc_norm as lm-eval computes them, plus
+# label-free calibrated accuracy and AUC (corpus-level aggregations)
+# --------------------------------------------------------------------------------------
+
+_CALIBRATION = None
+
+
+def _calibration():
+    """``adamergex_peft.calibration``; from a source checkout or wheel without it on sys.path, by file."""
+    global _CALIBRATION
+    if _CALIBRATION is None:
+        try:
+            from adamergex_peft import calibration
+        except ImportError:
+            here = Path(__file__).resolve().parent
+            # Wheel: <site-packages>/adamergex_peft/lm_eval_tasks; source checkout: <repo>/lm_eval_tasks.
+            for path in (here.parent / "calibration.py", here.parent / "adamergex_peft" / "calibration.py"):
+                if path.is_file():
+                    import importlib.util
+
+                    spec = importlib.util.spec_from_file_location("adamergex_peft_calibration", path)
+                    calibration = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(calibration)
+                    break
+            else:
+                raise ImportError(
+                    "acc_calibrated and auc need adamergex_peft.calibration: pip install adamergex-peft"
+                ) from None
+        _CALIBRATION = calibration
+    return _CALIBRATION
+
+
+def multiple_choice_results(
+    results: list[tuple[float, bool]],
+    gold: int,
+    choices: list[str] | None = None,
+    metrics: tuple[str, ...] = ("acc", "acc_calibrated"),
+) -> dict[str, Any]:
+    """Per-document values of a multiple-choice task, as lm-eval 0.4.13's built-in scoring plus calibration.
+
+    ``results`` are lm-eval's ``(log-likelihood, is_greedy)`` pairs, one per choice. ``acc`` is
+    ``[argmax_j ll_j = gold]`` and ``acc_norm`` ``[argmax_j ll_j / len(choice_j) = gold]``
+    (characters; ``np.argmax``, ties to the first choice, exactly as lm-eval's
+    ``ConfigurableTask.process_results``); a gold index outside the choices scores 0, as there.
+    ``acc_calibrated`` and ``auc`` are the pair ``(gold, [ll_0, ..., ll_{k-1}])``: their value
+    needs the whole evaluated set and is computed by :func:`aggregate_acc_calibrated` /
+    :func:`aggregate_auc`.
+
+    Args:
+        results: lm-eval's per-choice results for one document.
+        gold: Index of the correct choice.
+        choices: The choice strings (needed for ``acc_norm`` only).
+        metrics: Which of ``acc``, ``acc_norm``, ``acc_calibrated``, ``auc`` to return (lm-eval
+            wants exactly the metrics of the task's ``metric_list``).
+    """
+    import numpy as np
+
+    lls = [float(ll) for ll, _ in results]
+    gold = int(gold)
+    if not 0 <= gold < len(lls):
+        gold = -100
+    out: dict[str, Any] = {}
+    for metric in metrics:
+        if metric == "acc":
+            out["acc"] = 1.0 if int(np.argmax(lls)) == gold else 0.0
+        elif metric == "acc_norm":
+            if choices is None or len(choices) != len(lls):
+                raise ValueError("acc_norm needs the choice strings, one per log-likelihood")
+            lengths = np.array([float(len(choice)) for choice in choices])
+            out["acc_norm"] = 1.0 if int(np.argmax(np.array(lls) / lengths)) == gold else 0.0
+        elif metric in ("acc_calibrated", "auc"):
+            out[metric] = (gold, lls)
+        else:
+            raise ValueError(f"unknown multiple-choice metric {metric!r}")
+    return out
+
+
+def process_results_xcopa_mc(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, Any]:
+    """XCOPA (log-likelihood): ``acc``, ``acc_norm``, ``acc_calibrated``, ``auc`` (choices ``choice1``, ``choice2``)."""
+    return multiple_choice_results(
+        results,
+        int(doc["label"]),
+        [doc["choice1"], doc["choice2"]],
+        metrics=("acc", "acc_norm", "acc_calibrated", "auc"),
+    )
+
+
+def process_results_xnli_mc(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, Any]:
+    """XNLI (log-likelihood): ``acc`` and ``acc_calibrated`` over the three label names."""
+    return multiple_choice_results(results, int(doc["label"]), list(NLI_LABELS), metrics=("acc", "acc_calibrated"))
+
+
+def aggregate_acc_calibrated(items: list[tuple[int, list[float]]]) -> float:
+    """Corpus-level ``acc_calibrated``: accuracy after label-free calibration of the whole evaluated set.
+
+    The choice log-likelihoods of all documents get per-answer offsets
+    (``adamergex_peft.calibration.prior_offsets``, uniform target) so that every answer is
+    predicted equally often, then ``argmax_j (ll_ij + b_j)`` is scored against the gold index.
+    The labels are read only to score. NaN (with a warning) where calibration is undefined.
+    """
+    try:
+        return _calibration().calibrated_accuracy_of_items(items)
+    except ValueError as err:
+        logger.warning("acc_calibrated is undefined for these %d documents: %s", len(items), err)
+        return float("nan")
+
+
+def aggregate_auc(items: list[tuple[int, list[float]]]) -> float:
+    """Corpus-level ``auc`` of a two-choice task: ROC AUC of the margin ``ll_1 - ll_0`` for gold 1 vs 0.
+
+    Ties count 1/2. Offsets do not change it: it measures how well the model ranks the
+    documents, whatever answer it prefers a priori. NaN (with a warning) when only one gold
+    class is present.
+    """
+    try:
+        return _calibration().binary_auc_of_items(items)
+    except ValueError as err:
+        logger.warning("auc is undefined for these %d documents: %s", len(items), err)
+        return float("nan")
+
+
 __all__ = [
     "DATA_DIR_ENV",
     "NLI_LABELS",
     "PAPER_SEED",
     "MultilingualRougeTokenizer",
+    "aggregate_acc_calibrated",
+    "aggregate_auc",
     "extract_choice",
     "extract_nli_label",
     "extract_number",
@@ -430,11 +559,14 @@ __all__ = [
     "load_adamergex_dataset",
     "local_data_path",
     "multilingual_tokenize",
+    "multiple_choice_results",
     "normalize_answer",
     "process_results_mgsm",
     "process_results_xcopa",
+    "process_results_xcopa_mc",
     "process_results_xlsum",
     "process_results_xnli",
+    "process_results_xnli_mc",
     "process_results_xquad",
     "rouge_l_f1",
     "sample_indices",
