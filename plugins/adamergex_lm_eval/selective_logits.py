@@ -254,13 +254,13 @@ class SelectiveLogitsHFLM(HFLM):
                 self._model_call_rows(batched_inps, batch_index, position, mode=mode),
                 dim=-1,
                 dtype=self.softmax_dtype,
-            ).split(contlens)  # per item: [contlen, vocab]
+            )  # [sum(contlens), vocab]
+            multi_greedy = multi_logits.argmax(dim=-1).split(contlens)  # per item: [contlen]
 
-            for (request_str, ctx_tokens, _), logits, cont_toks in zip(
-                chunk, multi_logits, cont_toks_list, strict=True
+            for (request_str, ctx_tokens, _), logits, greedy_tokens, cont_toks in zip(
+                chunk, multi_logits.split(contlens), multi_greedy, cont_toks_list, strict=True
             ):
-                logits = logits.unsqueeze(0)  # [1, contlen, vocab]
-                greedy_tokens = logits.argmax(dim=-1)
+                logits, greedy_tokens = logits.unsqueeze(0), greedy_tokens.unsqueeze(0)  # [1, contlen, (vocab)]
                 # As HFLM: expand one-token-continuation cache hits (same context + continuation[:-1]).
                 for request_str, cont_toks, logits in re_ord.get_cache(  # noqa: B020, PLW2901
                     req_str=request_str, cxt_toks=ctx_tokens, cont_toks=cont_toks, logits=logits
