@@ -354,3 +354,16 @@ def test_lm_eval_multiple_choice_acc_and_acc_norm(llama, tokenizer, tmp_path):
     assert (acc_s, acc_norm_s) == (acc, acc_norm)
     assert len(lls) == 4 * len(docs)
     torch.testing.assert_close(torch.tensor(lls_s, dtype=torch.float64), torch.tensor(lls, dtype=torch.float64))
+
+
+def test_bfloat16_model_uses_the_selective_path(tokenizer):
+    """The probe's tolerance follows the model's dtype: a bf16 model is not sent to the full path."""
+    model = _llama(seed=12).to(torch.bfloat16)
+    reference, selective = _both(model, tokenizer, batch_size=4)
+    assert selective.selective_mode == "mask"
+    requests = _requests(model, seed=12, n=6)
+    expected = reference._loglikelihood_tokens(requests)
+    got = selective._loglikelihood_tokens(requests)
+    assert [g for _, g in got] == [g for _, g in expected]
+    # bf16 round-off allowance (on this CPU the two paths agree exactly)
+    assert max(abs(a - b) / max(1.0, abs(a)) for (a, _), (b, _) in zip(expected, got)) <= 1e-2
