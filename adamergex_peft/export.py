@@ -414,6 +414,7 @@ def export_merged_model(
             "base_model": str(base_model_path),
             "base_model_dir": str(base_resolved),
             "adapter": name,
+            "adapter_base_model": getattr(peft_config, "base_model_name_or_path", None),
             "peft_type": peft_config.peft_type.value,
             "modules": len({u.module for u in updates}),
             "dtype": str(out_dtype).removeprefix("torch.") if out_dtype is not None else "base",
