@@ -273,22 +273,58 @@ def _all_finite(tensor) -> bool:
     return tensor.numel() == 0 or bool(torch.isfinite(tensor.abs().amax()))
 
 
-def _write_shards(base_dir: Path, tmp: Path, weight_map: dict[str, str], updates: list[_Update], dtype, name: str):
-    """Rewrite every shard into ``tmp``; returns the total size in bytes of the tensors written."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+_ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_ST_SIZES.update({"I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1})
+_ST_FLOATS = ("F64", "F32", "F16", "BF16")
 
-    by_key = {}
-    for update in updates:
-        by_key[update.key] = update
-    shards = sorted(set(weight_map.values()))
-    total = 0
-    for shard in tqdm(shards, desc="export", unit="shard", disable=len(shards) < 2):
-        tensors = {}
-        with safe_open(str(base_dir / shard), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            for key in fh.keys():
+
+def _st_dtype(dtype) -> str:
+    """safetensors' name of a torch floating-point dtype."""
+    import torch
+
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+
+
+def _write_shard(src: Path, dst: Path, by_key: dict[str, _Update], dtype, name: str) -> int:
+    """Stream one shard from ``src`` to ``dst``, one tensor at a time; returns the bytes of tensor data.
+
+    The safetensors file is written directly: ``u64`` header length, JSON header (tensor dtypes,
+    shapes and byte offsets, known from the source header and the output dtype; padded to 8 bytes),
+    then each tensor's bytes. Tensors are ordered by element size (largest first), then name, as
+    ``safetensors`` does, so that every tensor is aligned to its element size. Peak memory: the
+    source shard's memory-mapped pages plus one tensor (and its float32 work copy).
+    """
+    import struct
+
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as fh:
+        metadata = {**(fh.metadata() or {}), "format": "pt"}
+        layout = []
+        for key in fh.keys():
+            sl = fh.get_slice(key)
+            st = sl.get_dtype()
+            if dtype is not None and st in _ST_FLOATS:
+                st = _st_dtype(dtype)
+            if st not in _ST_SIZES:
+                raise AdaMergeXError(f"base model: tensor {key!r} in {src.name!r} has unsupported dtype {st}.")
+            layout.append((key, st, list(sl.get_shape())))
+        layout.sort(key=lambda item: (-_ST_SIZES[item[1]], item[0]))
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for key, st, shape in layout:
+            size = _ST_SIZES[st]
+            for dim in shape:
+                size *= dim
+            header[key] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        with open(dst, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for key, _, _ in layout:
                 tensor = fh.get_tensor(key)
                 out_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
                 update = by_key.get(key)
@@ -301,11 +337,24 @@ def _write_shards(base_dir: Path, tmp: Path, weight_map: dict[str, str], updates
                         )
                 elif tensor.dtype != out_dtype:
                     tensor = tensor.to(out_dtype)
-                tensors[key] = tensor.contiguous()
-                total += tensor.numel() * tensor.element_size()
-        metadata = {**metadata, "format": "pt"}
-        save_file(tensors, str(tmp / shard), metadata=metadata)
-        del tensors
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+                expected = header[key]["data_offsets"]
+                if data.nbytes != expected[1] - expected[0]:  # cannot happen unless the source header lies
+                    raise AdaMergeXError(f"base model: tensor {key!r} in {src.name!r} does not match its header.")
+                out.write(memoryview(data))
+                del tensor, data
+    return offset
+
+
+def _write_shards(base_dir: Path, tmp: Path, weight_map: dict[str, str], updates: list[_Update], dtype, name: str):
+    """Rewrite every shard into ``tmp``; returns the total size in bytes of the tensors written."""
+    from tqdm.auto import tqdm
+
+    by_key = {update.key: update for update in updates}
+    shards = sorted(set(weight_map.values()))
+    total = 0
+    for shard in tqdm(shards, desc="export", unit="shard", disable=len(shards) < 2):
+        total += _write_shard(base_dir / shard, tmp / shard, by_key, dtype, name)
     return total
 
 
