@@ -13,8 +13,9 @@ with a plain transformers model folder in the base's dtype:
 Each run is a fresh child process (libraries imported before the probe); peak extra RSS is
 ``VmHWM - RSS`` before the operation (see ``_common.py``). File pages that safetensors memory-maps
 count as resident while they are mapped, for both routes alike. Goal (issue 12): peak memory about
-one shard plus the adapter, not the whole model: the table gives the peak in units of the largest
-shard and of the whole checkpoint.
+one shard plus the adapter, not the whole model; checked as ``peak extra <= 2 x largest shard``
+(the mapped source shard + one tensor's work copy + the adapter, read and parsed) and below the
+PEFT route. The table gives the peak in units of the largest shard and of the whole checkpoint.
 
     python benchmarks/bench_export.py --quick --threads 1
 """
@@ -199,7 +200,8 @@ def main() -> None:
             "peak_extra_rss_bytes": med_m,
             "speedup_ours_vs_peft": med_t["peft_merge_and_unload"] / med_t["ours"],
             "memory_ratio_peft_over_ours": med_m["peft_merge_and_unload"] / max(1, med_m["ours"]),
-            "goal_peak_below_half_checkpoint": med_m["ours"] < 0.5 * info["checkpoint_bytes"],
+            "goal_peak_at_most_two_shards": med_m["ours"] <= 2 * info["largest_shard_bytes"],
+            "goal_peak_below_peft_route": med_m["ours"] < med_m["peft_merge_and_unload"],
         }
     )
 
