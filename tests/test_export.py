@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -161,6 +162,7 @@ def listing(folder):
 def test_export_equals_closed_form_and_in_memory_merge(kind, arch, tmp_path):
     base_dir, model, spec = build(kind, arch, tmp_path)
     base_files = listing(base_dir)
+    base_digests = {n: hashlib.sha256((base_dir / n).read_bytes()).hexdigest() for n in base_files}
     assert sum(n.endswith(".safetensors") for n in base_files) >= 3, base_files  # really sharded
     base_sd = read_checkpoint(base_dir)
     t = 0.7
@@ -191,6 +193,9 @@ def test_export_equals_closed_form_and_in_memory_merge(kind, arch, tmp_path):
         assert any(k.endswith("c_attn.bias") for k in expected)  # non-feed-forward bias scaled
         assert not any(k.endswith("mlp.c_proj.bias") for k in expected)  # feed-forward bias kept
 
+    # the base checkpoint is untouched (in-place updates never reach the memory-mapped source)
+    assert {n: hashlib.sha256((base_dir / n).read_bytes()).hexdigest() for n in base_files} == base_digests
+
     # the exported model computes what the in-memory merge does, loaded without this package
     reference = in_memory_logits(model, cfg(t))
     logits = fresh_process_logits(out, tmp_path)
@@ -212,6 +217,30 @@ def test_export_from_adapter_folder_keeps_provenance(tmp_path):
     adapter_record = json.loads((merged_dir / "adamergex_config.json").read_text())
     assert record["inputs"] == adapter_record["inputs"] and record["config"] == adapter_record["config"]
     assert record["export"]["adapter"] == str(merged_dir)
+
+
+def test_checkpoint_without_the_model_prefix(tmp_path):
+    """A GPT-2 checkpoint saved with the backbone's names (``h.0.attn.c_attn``, as on the Hub)."""
+    from safetensors.torch import save_file
+
+    base_dir, model, _ = build("lora", "gpt2", tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    weight_map = {}
+    for name in listing(base_dir):
+        if name.endswith(".safetensors"):
+            tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(base_dir / name)).items()}
+            save_file(tensors, str(bare / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+        elif name != "model.safetensors.index.json":
+            (bare / name).write_bytes((base_dir / name).read_bytes())
+    (bare / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    result = merged_result(model, cfg(0.3))
+    with_prefix = read_checkpoint(export_merged_model(base_dir, result, tmp_path / "out_prefix"))
+    without = read_checkpoint(export_merged_model(bare, result, tmp_path / "out_bare"))
+    assert {k.removeprefix("transformer."): v for k, v in with_prefix.items()}.keys() == without.keys()
+    for key, value in with_prefix.items():
+        assert torch.equal(value, without[key.removeprefix("transformer.")]), key
 
 
 def test_export_single_file_base_and_bf16(tmp_path):
