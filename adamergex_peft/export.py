@@ -173,10 +173,8 @@ def _plan(peft_config, state_dict: dict, name: str, weight_map: dict[str, str], 
     """Resolve and check every module against the checkpoint before anything is written."""
     import torch
     from peft.tuners.ia3 import IA3Model
-    from peft.utils.other import get_pattern_key
 
     from adamergex_peft import merge as engine
-    from adamergex_peft import merge_utils as mu
 
     adapter = engine.AdapterWeights(name, peft_config, state_dict)
     engine._check_config(adapter)
@@ -187,12 +185,9 @@ def _plan(peft_config, state_dict: dict, name: str, weight_map: dict[str, str], 
             target = engine._module_target_name(module)
             key = _require_key(name, target, "weight", weight_map, base_dir)
             a, b = lora.a.float(), lora.b.float()
-            # _parse_lora reads alpha_pattern; the rank comes from the factors (rank_pattern included)
-            alpha_key = get_pattern_key(peft_config.alpha_pattern.keys(), target)
-            alpha = peft_config.alpha_pattern.get(alpha_key, peft_config.lora_alpha)
-            scaling = mu.lora_scaling(alpha, a.shape[0], peft_config.use_rslora)
             left, right = (a.T, b.T) if fan_in_fan_out else (b, a)
-            updates.append(_Update(target, key, weight_map[key], "lora", left, right, scaling))
+            # lora.scaling: alpha (alpha_pattern included) over the factors' rank (or its sqrt under rsLoRA)
+            updates.append(_Update(target, key, weight_map[key], "lora", left, right, lora.scaling))
     else:
         for module, vec in engine._parse_ia3(adapter).items():
             target = engine._module_target_name(module)
