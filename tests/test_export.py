@@ -219,6 +219,25 @@ def test_export_from_adapter_folder_keeps_provenance(tmp_path):
     assert record["export"]["adapter"] == str(merged_dir)
 
 
+def test_export_plain_adapter_with_rank_and_alpha_patterns(tmp_path):
+    """Any LoRA adapter exports too: rank_pattern, alpha_pattern and rsLoRA scalings per module."""
+    base_dir, model, spec = build("lora", "llama", tmp_path)
+    base_sd = read_checkpoint(base_dir)
+    for adapter in (RG, RS):  # ref_sw: rank/alpha patterns; ref_en: rsLoRA
+        written = read_checkpoint(export_merged_model(base_dir, weights_of(model, adapter), tmp_path / adapter))
+        n = 0
+        for name, layer in model.named_modules():
+            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                s = tiny.module_scaling(spec, adapter, name)
+                key = checkpoint_key(model, name, ".weight", base_sd)
+                ref = base_sd[key].double() + s * (
+                    layer.lora_B[adapter].weight.double() @ layer.lora_A[adapter].weight.double()
+                )
+                assert torch.allclose(written[key].double(), ref, rtol=1e-6, atol=1e-6), (adapter, key)
+                n += 1
+        assert n == sum(1 for k, v in written.items() if not torch.equal(v, base_sd[k]))
+
+
 def test_checkpoint_without_the_model_prefix(tmp_path):
     """A GPT-2 checkpoint saved with the backbone's names (``h.0.attn.c_attn``, as on the Hub)."""
     from safetensors.torch import save_file
