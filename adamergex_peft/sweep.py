@@ -161,8 +161,8 @@ def make_evaluator(
 
     import numpy as np
     import torch
+    from adamergex_lm_eval.selective_logits import SelectiveLogitsHFLM
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tasks = list(tasks)
@@ -190,7 +190,7 @@ def make_evaluator(
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=seed)
 
-    lm_class = HFLM if progress else _quiet_hflm_class()
+    lm_class = SelectiveLogitsHFLM if progress else _quiet_hflm_class()
 
     def evaluate(model) -> dict[str, Any]:
         random.seed(seed)
@@ -214,9 +214,9 @@ def make_evaluator(
 
 def _quiet_hflm_class():
     """``HFLM`` with its request progress bars off (``evaluate`` calls them without ``disable_tqdm``)."""
-    from lm_eval.models.huggingface import HFLM
+    from adamergex_lm_eval.selective_logits import SelectiveLogitsHFLM
 
-    class QuietHFLM(HFLM):
+    class QuietHFLM(SelectiveLogitsHFLM):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -273,9 +273,6 @@ class SweepResults:
 
     def plot_png(self) -> bytes:
         """Score against t, one line per method; t-free methods as horizontal dashed lines."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(6, 4), dpi=100)

@@ -328,14 +328,17 @@ def write_task_yaml(
     metrics: Sequence[str | Mapping[str, Any]] = ("acc",),
     split: str = "test",
     generation_kwargs: Mapping[str, Any] | None = None,
+    version: float = 1.0,
     **extra: Any,
 ) -> Path:
     """Write ``<tasks_dir>/<task>.yaml``: an lm-eval task reading the local JSONL ``data_file``.
 
     The data file is loaded with ``datasets``' ``json`` builder as split ``split``. ``metrics`` are
     metric names or full ``metric_list`` entries; ``extra`` keys (``target_delimiter``,
-    ``metadata``, ...) are written as given (``metadata`` defaults to ``{version: 1.0}``). Values are
-    written as JSON, which YAML reads unchanged. Returns the YAML path.
+    ``metadata``, ...) are written as given (``metadata`` defaults to ``{version: version}``). Values are
+    written as JSON, which YAML reads unchanged, except strings ``"!function utils.fn"`` (anywhere,
+    e.g. ``process_results`` or a metric's ``aggregation``), written as lm-eval's ``!function`` tag.
+    Returns the YAML path.
     """
     config: dict[str, Any] = {
         "task": task,
@@ -351,10 +354,21 @@ def write_task_yaml(
     if generation_kwargs is not None:
         config["generation_kwargs"] = dict(generation_kwargs)
     config["metric_list"] = [{"metric": m} if isinstance(m, str) else dict(m) for m in metrics]
-    config["metadata"] = {"version": 1.0}
+    config["metadata"] = {"version": version}
     config.update(extra)
     tasks_dir = Path(tasks_dir)
     tasks_dir.mkdir(parents=True, exist_ok=True)
     path = tasks_dir / f"{task}.yaml"
-    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items()), encoding="utf-8")
+    path.write_text("".join(f"{key}: {_yaml_value(value)}\n" for key, value in config.items()), encoding="utf-8")
     return path
+
+
+def _yaml_value(value: Any) -> str:
+    """A flow-style YAML value: JSON, except strings ``"!function module.name"``, which stay YAML tags."""
+    if isinstance(value, str) and value.startswith("!function "):
+        return value
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return json.dumps(value)

@@ -8,12 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from adamergex_peft.demo.lm import TinyLMSize  # noqa: E402
-from adamergex_peft.demo.pipeline import CHART_PNG, MERGE_METHODS, QUICK, RESULTS_JSON, TABLE_TXT, run_demo  # noqa: E402
-from adamergex_peft.demo.world import NAMES, TOPICS, build_languages, sample_meanings, task_examples  # noqa: E402
+from adamergex_peft.demo.lm import TinyLMSize
+from adamergex_peft.demo.pipeline import CHART_PNG, MERGE_METHODS, QUICK, RESULTS_JSON, TABLE_TXT, run_demo
+from adamergex_peft.demo.world import NAMES, TOPICS, build_languages, sample_meanings, task_examples
 
 ORIGINAL_ENV = dict(os.environ)
 TINY = replace(

@@ -7,10 +7,7 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from adamergex_peft.train import (  # noqa: E402
+from adamergex_peft.train import (
     IGNORE_INDEX,
     TrainConfig,
     list_recipes,

@@ -22,7 +22,6 @@ evaluation):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -36,7 +35,6 @@ from adamergex_peft.demo.results import (  # noqa: F401  (re-exported: the demo'
     CHART_PNG,
     MERGE_METHODS,
     RESULTS_JSON,
-    T_FREE_METHODS,
     TABLE_TXT,
     DemoResult,
 )
@@ -137,36 +135,46 @@ def check_world(folder: Path, source: str, targets: Sequence[str]) -> None:
 
 
 def write_task_yaml(tasks_dir: Path, lang: str, test_file: Path) -> str:
-    """Write an lm-eval multiple-choice task for ``test_file``; return its name."""
-    tasks_dir.mkdir(parents=True, exist_ok=True)
+    """Write an lm-eval multiple-choice task for ``test_file``; return its name.
+
+    Besides ``acc`` it reports ``acc_calibrated``: accuracy after label-free calibration of the answer
+    prior over the whole evaluated set (see :mod:`adamergex_peft.calibration`).
+    """
+    from adamergex_peft import testing
+
     name = f"adamergex_demo_{lang}"
-    data_file = json.dumps(str(test_file.resolve()))
-    (tasks_dir / f"{name}.yaml").write_text(
-        "\n".join(
-            [
-                f"task: {name}",
-                "dataset_path: json",
-                "dataset_kwargs:",
-                "  data_files:",
-                f"    test: {data_file}",
-                "test_split: test",
-                "output_type: multiple_choice",
-                "doc_to_text: prompt",
-                "doc_to_choice: choices",
-                "doc_to_target: label",
-                "target_delimiter: ' '",
-                "metric_list:",
-                "  - metric: acc",
-                "    aggregation: mean",
-                "    higher_is_better: true",
-                "metadata:",
-                "  version: 1.0",
-                "",
-            ]
-        ),
-        encoding="utf-8",
+    testing.write_task_yaml(
+        tasks_dir,
+        name,
+        test_file,
+        doc_to_text="prompt",
+        doc_to_choice="choices",
+        doc_to_target="label",
+        target_delimiter=" ",
+        process_results="!function utils.process_results",
+        metrics=[
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {
+                "metric": "acc_calibrated",
+                "aggregation": "!function utils.calibrated_accuracy_of_items",
+                "higher_is_better": True,
+            },
+        ],
+        version=1.1,
     )
+    (tasks_dir / "utils.py").write_text(_TASK_UTILS, encoding="utf-8")
     return name
+
+
+_TASK_UTILS = '''from adamergex_peft.calibration import calibrated_accuracy_of_items  # noqa: F401
+
+
+def process_results(doc, results):
+    lls = [ll for ll, _ in results]
+    gold = int(doc["label"])
+    acc = float(max(range(len(lls)), key=lls.__getitem__) == gold)  # = lm-eval's acc
+    return {"acc": acc, "acc_calibrated": (gold, lls)}
+'''
 
 
 # ---------------------------------------------------------------------------------- the pipeline
@@ -452,6 +460,7 @@ def _evaluate(run: _Run, model, tokenizer, jobs, t: float):
 def _evaluate_family(run: _Run, peft_model, family: str, evaluators, t: float, errors: list) -> tuple[dict, float]:
     """The rows of one adapter family (base, every merge, oracle) and the task adapter's source score."""
     from adamergex_peft import AdaMergeXError
+    from adamergex_peft.methods import METHODS
     from adamergex_peft.sweep import SweepPoint, SweepResults, evaluate_points
 
     source = run.source
@@ -474,7 +483,7 @@ def _evaluate_family(run: _Run, peft_model, family: str, evaluators, t: float, e
         references = (f"ref_{source}", f"ref_{lang}")
         done = SweepResults(settings={"family": family, "lang": lang})  # every merge of this language, one file
         for method in MERGE_METHODS:
-            point = SweepPoint(method, None if method in T_FREE_METHODS else float(t))
+            point = SweepPoint(method, float(t) if METHODS[method].uses_t else None)
             try:
                 value = score(point, evaluators[lang], eval_dir, ("task", *references), done)
             except AdaMergeXError as err:  # e.g. an (IA)^3 reference vector at or below zero

@@ -10,8 +10,6 @@ from typing import Any
 
 #: Methods of the table, in order; "oracle" and "base" are not merges.
 MERGE_METHODS: tuple[str, ...] = ("task_only", "task_plus_target", "arimerge", "cross", "adamergex")
-#: The methods merged without t (the others get the demo's t). One place until the method registry lands.
-T_FREE_METHODS: frozenset[str] = frozenset({"task_only", "arimerge"})
 RESULTS_JSON = "demo_results.json"
 CHART_PNG = "demo_results.png"
 TABLE_TXT = "demo_table.txt"

@@ -1,6 +1,8 @@
 """``lm_eval --model adamergex``: evaluate an AdaMergeX-merged adapter in lm-evaluation-harness.
 
-:class:`AdaMergeXLM` is lm-eval's :class:`~lm_eval.models.huggingface.HFLM` with one override,
+:class:`AdaMergeXLM` is lm-eval's :class:`~lm_eval.models.huggingface.HFLM` (through
+:class:`~adamergex_lm_eval.selective_logits.SelectiveLogitsHFLM`, which computes output logits only at
+the positions a log-likelihood request scores, with HFLM's results) with one override,
 :meth:`~AdaMergeXLM._create_model` (HFLM's documented extension point): after HFLM has loaded the
 base model, it loads the task adapter and the two reference adapters with PEFT, builds the
 target-language adapter with :mod:`adamergex_peft` and, by default, merges it into the base weights
@@ -25,8 +27,8 @@ from typing import Any
 
 import lm_eval.models  # noqa: F401  (register the built-in models before ours, see adamergex_lm_eval._hook)
 from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
 
+from adamergex_lm_eval.selective_logits import SelectiveLogitsHFLM
 from adamergex_peft.config import ADAPTER_FIELDS, DEFAULT_ADAPTER_NAMES
 
 # Under lm-eval's logger hierarchy, so lm-eval's handler and level (LMEVAL_LOG_LEVEL) apply to these messages.
@@ -194,7 +196,7 @@ def _check_adapters(locations: dict[str, str], revision: str | None, token: Any)
 
 
 @register_model(MODEL_NAME)
-class AdaMergeXLM(HFLM):
+class AdaMergeXLM(SelectiveLogitsHFLM):
     """HFLM evaluating the AdaMergeX target-language adapter built from three PEFT adapters.
 
     AdaMergeX (Zhao et al., NAACL 2025) builds ``A(g, T) = A(s, T) (+) t * (A(g, R) (-) A(s, R))``
