@@ -166,7 +166,7 @@ def write_task_yaml(tasks_dir: Path, lang: str, test_file: Path) -> str:
     return name
 
 
-_TASK_UTILS = '''from adamergex_peft.calibration import calibrated_accuracy_of_items  # noqa: F401
+_TASK_UTILS = """from adamergex_peft.calibration import calibrated_accuracy_of_items  # noqa: F401
 
 
 def process_results(doc, results):
@@ -174,7 +174,7 @@ def process_results(doc, results):
     gold = int(doc["label"])
     acc = float(max(range(len(lls)), key=lls.__getitem__) == gold)  # = lm-eval's acc
     return {"acc": acc, "acc_calibrated": (gold, lls)}
-'''
+"""
 
 
 # ---------------------------------------------------------------------------------- the pipeline
