@@ -53,7 +53,8 @@ language-gap update improves (issue 10: AUC and calibrated accuracy rise with ``
 answer prior drifts), and this rule scores the calibrated predictions, so it is not fooled by the
 prior shift. ``least_prior_shift`` (smallest ``tv`` wins) keeps the merge whose *uncalibrated*
 answers look most like the reference: the rule for a merge deployed without calibration; it
-favours small ``t`` whenever the update shifts the prior. Ties go to the first point in plan order.
+favours small ``t`` whenever the update shifts the prior. Ties (equal up to :data:`TIE_TOLERANCE`,
+the round-off of merge/undo) go to the first point in plan order.
 Which rule (and which ``select``) is the better default is an empirical question (BENCHMARKS.md);
 ``select`` defaults to ``"labelled"`` for now.
 
@@ -519,13 +520,21 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+#: Values this close (relative to the best, at least 1e-6 absolute) count as ties when picking a
+#: point: a cell's numbers carry the round-off of the merges undone before it on the same model
+#: (about 1e-7 relative in float32), so ``t = 0`` and ``task_only`` (the same model) must tie.
+TIE_TOLERANCE = 1e-6
+
+
 def _first_best(points: Sequence[dict[str, Any]], value: Callable[[dict], Any], higher: bool) -> dict | None:
-    """The point with the best finite ``value`` (the first one in order on ties), or ``None``."""
+    """The point with the best finite ``value``; values within :data:`TIE_TOLERANCE` of it tie, and the
+    first of them in order wins. ``None`` when no point has a value."""
     scored = [(value(p), i) for i, p in enumerate(points) if _finite(value(p))]
     if not scored:
         return None
-    v, i = max(scored, key=lambda x: (x[0], -x[1])) if higher else min(scored, key=lambda x: (x[0], x[1]))
-    return points[i]
+    best = max(v for v, _ in scored) if higher else min(v for v, _ in scored)
+    tolerance = TIE_TOLERANCE * max(1.0, abs(best))
+    return points[min(i for v, i in scored if abs(v - best) <= tolerance)]
 
 
 def _label_free_value(statistic: str) -> Callable[[dict], Any]:
