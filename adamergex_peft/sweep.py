@@ -276,7 +276,8 @@ def choice_logliks(samples: Sequence[Mapping[str, Any]], choices: Callable[[Any]
 
     ``samples``: ``results["samples"][task]`` of ``lm_eval.evaluator.evaluate(..., log_samples=True)``
     for a multiple-choice task (per item ``filtered_resps``: one ``(loglikelihood, is_greedy)`` per
-    choice). Items are ordered by ``doc_id``; only the first filter is read.
+    choice; with ``choices``, only the first ``len(choices(doc))``, as ``acc_mutual_info`` adds
+    unconditional ones). Items are ordered by ``doc_id``; only the first filter is read.
 
     Returns:
         ``(L, golds)``: an (n, k) float64 tensor, and the gold indices (list of int; an item whose
@@ -291,7 +292,10 @@ def choice_logliks(samples: Sequence[Mapping[str, Any]], choices: Callable[[Any]
     rows = sorted((s for s in samples if s.get("filter") == first_filter), key=lambda s: s["doc_id"])
     lls, golds = [], []
     for s in rows:
-        resps = s["filtered_resps"]
+        resps = list(s["filtered_resps"])
+        options = list(choices(s["doc"])) if choices is not None and "doc" in s else None
+        if options:  # acc_mutual_info appends one unconditional request per choice: keep the k conditional ones
+            resps = resps[: len(options)]
         try:
             lls.append([float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps])
         except (TypeError, ValueError):
@@ -302,8 +306,7 @@ def choice_logliks(samples: Sequence[Mapping[str, Any]], choices: Callable[[Any]
         elif isinstance(target, int):
             golds.append(target)
         else:
-            options = list(choices(s["doc"])) if choices is not None and "doc" in s else []
-            golds.append(options.index(target) if target in options else -100)
+            golds.append(options.index(target) if options and target in options else -100)
     if len({len(r) for r in lls}) != 1 or len(lls[0]) < 2:
         return None
     return torch.tensor(lls, dtype=torch.float64), golds

@@ -192,4 +192,12 @@ def test_sweep_cli(sweep_setup, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "best: " in printed and RESULTS_JSON in printed
-    assert len(json.loads((out / RESULTS_JSON).read_text())["points"]) == 3
+    data = json.loads((out / RESULTS_JSON).read_text())
+    assert len(data["points"]) == 3
+    # Both picks printed; the labelled one is selected by default, the label-free one names its rule.
+    lines = printed.splitlines()
+    best_line = next(line for line in lines if line.startswith("best: "))
+    picked_line = next(line for line in lines if line.startswith("best label-free"))
+    assert best_line.endswith("(selected)") and not picked_line.endswith("(selected)")
+    assert picked_line.startswith(f"best label-free (calibrated_confidence): {data['best_label_free']['method']}")
+    assert data["select"] == "labelled" and data["selected"] == data["best"]

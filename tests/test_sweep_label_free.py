@@ -218,3 +218,36 @@ def test_reference_task_is_the_task_adapters_shares(lf_setup, tmp_path):
     seen = []
     again = _sweep(root, out, TASK, t_values=[1.0], reference_task=TASK, on_point=seen.append)
     assert seen == [] and again.reference == data["reference"]
+
+
+def test_mutual_info_requests_and_no_label_free(lf_setup, tmp_path):
+    """Extra unconditional requests (acc_mutual_info) are cut to the choices; label_free=False stores nothing."""
+    import torch
+
+    L = torch.tensor([[0.0, 1.0], [2.0, 0.5], [0.3, 0.2]], dtype=torch.float64)
+    samples = [
+        {
+            "doc_id": i,
+            "doc": {"c": ["x", "y"]},
+            "target": "y",
+            "filter": "none",
+            "filtered_resps": [(float(v), False) for v in [*L[i], -9.0, 9.0]],
+        }
+        for i in range(3)
+    ]
+
+    class Task:
+        def get_config(self, key):
+            return "multiple_choice"
+
+        def doc_to_choice(self, doc):
+            return doc["c"]
+
+    out = summarize_samples({"mi": samples}, {"mi": Task()})
+    assert out["label_free"]["tasks"]["mi"]["distribution"] == pytest.approx(cal.predicted_distribution(L).tolist())
+    assert out["calibrated"]["mi"]["acc_calibrated"] == pytest.approx(cal.calibrated_accuracy(L, [1, 1, 1]))
+
+    results = _sweep(lf_setup, tmp_path / "off", TASK, t_values=[1.0], methods=["adamergex"], label_free=False)
+    data = json.loads((tmp_path / "off" / RESULTS_JSON).read_text())
+    assert "label_free" not in data["points"][0] and data["best_label_free"] is None
+    assert data["best"]["key"] == "adamergex@1" and results.best_label_free() is None
