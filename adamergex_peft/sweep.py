@@ -73,10 +73,15 @@ nodes need ``output_dir`` on a filesystem every node sees (NFS, Lustre, ...), wi
 
     # 8 GPUs, one node
     torchrun --nproc_per_node 8 -m adamergex_peft sweep ... --output OUT
-    accelerate launch --num_processes 8 -m adamergex_peft sweep ... --output OUT
-    # 2 nodes x 8 GPUs (OUT on a shared filesystem), on each node:
-    accelerate launch --num_machines 2 --num_processes 16 --machine_rank $NODE \\
+    accelerate launch --multi_gpu --num_processes 8 -m adamergex_peft sweep ... --output OUT
+    # 2 nodes x 8 GPUs (OUT on a shared filesystem); on node NODE (0 or 1), HEAD = node 0's address:
+    torchrun --nnodes 2 --node_rank $NODE --nproc_per_node 8 --master_addr $HEAD --master_port 29500 \\
+        -m adamergex_peft sweep ... --output OUT
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank $NODE --num_processes 16 \\
         --main_process_ip $HEAD --main_process_port 29500 -m adamergex_peft sweep ... --output OUT
+
+(``accelerate config`` can store the launch settings instead.) Rank 0 polls the shard files, so
+on NFS a finished rank's file may show after the client's attribute-cache delay (seconds).
 """
 
 from __future__ import annotations
