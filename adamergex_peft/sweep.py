@@ -17,7 +17,9 @@ resumes from the cells already done):
 
 * ``sweep_results.json``: the settings; per point the language, method, ``t``, the score, every
   task's metrics, the calibrated metrics and the label-free statistics (below); at the top level
-  ``best`` and ``best_label_free`` (and, for several languages, both per language);
+  ``best`` and ``best_label_free`` (for several languages: the (method, t) with the best mean over
+  the languages, and both per language in ``best_per_lang`` / ``best_label_free_per_lang``);
+  ``selected`` (one of the two, as ``select`` says) and, with a reference task, ``reference``;
 * ``sweep_results.csv``: one row per point;
 * ``sweep_plot.png``: score and calibrated score against ``t``, one line per method (and language);
 * ``sweep_table.csv`` / ``sweep_table.md``: languages x (method, t);
