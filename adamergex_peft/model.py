@@ -352,8 +352,9 @@ def merge_crosslingual_into_base(
     ``model.unload()``.
 
     Each module's result is checked in the weight's own dtype (a large ``t`` can overflow fp16 or
-    bf16); a non-finite result, or any other failure, restores every weight already changed, bit
-    for bit, before the error propagates.
+    bf16); a non-finite result, or any other failure, restores every weight already changed before
+    the error propagates: bit for bit (with ``exact_undo=False``, modules already committed are
+    restored by the inverse update, i.e. up to rounding).
 
     Memory: a copy of every touched base weight (and (IA)^3 bias) is kept in its own dtype until
     :meth:`BaseMergeHandle.undo` (``exact_undo=True``, the default), e.g. 2 bytes per entry of the
