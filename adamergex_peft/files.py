@@ -20,6 +20,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from adamergex_peft.atomic import publish_folder, recover_folder
 from adamergex_peft.config import CONFIG_NAME, AdaMergeXConfig
 from adamergex_peft.errors import AdaMergeXError
 
@@ -183,8 +184,6 @@ def merge_adapter_files(
             ``overwrite`` (checked before the merge and again, atomically, when publishing), or a
             weights file larger than the available memory allows.
     """
-    from adamergex_peft.atomic import publish_folder
-
     inputs = {
         "task_adapter": Path(task_dir),
         "source_reference_adapter": Path(source_reference_dir),
@@ -260,6 +259,7 @@ def _check_paths(inputs: dict[str, Path], output_dir: Path, overwrite: bool) -> 
     shown = str(output_dir)
     if os.path.islink(output_dir) and not output_dir.exists():
         raise AdaMergeXError(f"output {shown!r} is a dangling symlink (to {os.readlink(output_dir)!r}); remove it.")
+    recover_folder(output_dir)  # an overwrite interrupted earlier may have left the previous output aside
     if output_dir.exists() and not overwrite:
         raise AdaMergeXError(f"output folder {shown!r} exists; pass overwrite=True (--overwrite) to replace it.")
     if output_dir.exists() and not output_dir.is_dir():
