@@ -206,8 +206,11 @@ def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """Exact and cheap: ``amax`` propagates NaN, and an infinite entry makes the maximum infinite."""
-    return tensor.numel() == 0 or bool(torch.isfinite(tensor.abs().amax()))
+    """Exact, one pass, no temporary: min and max propagate NaN, and an infinite entry is one of them."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
@@ -299,48 +302,59 @@ class BaseMergeHandle:
 
     config: AdaMergeXConfig
     report: dict
-    _updates: list = field(default_factory=list, repr=False)
-    _touched: list = field(default_factory=list, repr=False)
+    _entries: list = field(default_factory=list, repr=False)  # (update, [_Touched, ...]) per module
     merged: bool = True
-    exact_undo: bool = True
 
     def undo(self) -> None:
         """Restore the base weights as they were before the merge.
 
-        With ``exact_undo=True`` (the default) the saved copies are written back: bit-identical, in
-        every dtype, however many merge/undo cycles. With ``exact_undo=False`` the update is subtracted
-        (LoRA) or divided out ((IA)^3): in float32 about 1e-7 relative per cycle, in bf16/fp16 one more
-        rounding per cycle (drift accumulates over a sweep).
+        A module whose original weights were kept (bf16/fp16 weights by default, every weight with
+        ``exact_undo=True``) gets them back bit for bit, however many merge/undo cycles. Otherwise
+        (float32 by default, or ``exact_undo=False``) the update is subtracted (LoRA) or divided out
+        ((IA)^3): about 1e-7 relative per cycle in float32 (one more rounding per cycle in bf16/fp16).
 
         Refuses, changing nothing, when the weights are no longer the ones merged into: converted
         (``model.half()``, ``.double()``, ``.to(dtype)``/device), replaced, or changed in place
-        (``load_state_dict``, another merge on top). Calling it twice is an error.
+        (``load_state_dict``, another merge on top; detected from a fingerprint of sampled entries
+        taken after the merge). Calling it twice is an error.
 
         Raises:
             AdaMergeXError: already undone, or the weights changed since the merge.
         """
         if not self.merged:
             raise AdaMergeXError("this merge was already undone.")
-        for touched in self._touched:
-            problem = touched.problem()
-            if problem is not None:
-                raise AdaMergeXError(
-                    f"cannot undo: module {touched.module!r}: {problem} since the merge (dtype/device conversion, "
-                    "load_state_dict or another merge?); nothing was changed, reload the base model instead."
-                )
+        for _, items in self._entries:
+            for touched in items:
+                problem = touched.problem()
+                if problem is not None:
+                    raise AdaMergeXError(
+                        f"cannot undo: module {touched.module!r}: {problem} since the merge (dtype/device "
+                        "conversion, load_state_dict or another merge?); nothing was changed, reload the base "
+                        "model instead."
+                    )
         with torch.no_grad():
-            if self.exact_undo:
-                for touched in self._touched:
-                    touched.restore()
-            else:
-                for update in reversed(self._updates):
-                    update.apply(-1.0)
-        self._touched, self._updates = [], []
+            for update, items in reversed(self._entries):
+                _take_out(update, items)
+        self._entries = []
         self.merged = False
 
 
+def _take_out(update, items: list[_Touched]) -> None:
+    if all(item.original is not None for item in items):
+        for item in items:
+            item.restore()
+    else:
+        update.apply(-1.0)
+
+
+def _keeps_copy(update, exact_undo: bool | None) -> bool:
+    if exact_undo is not None:
+        return exact_undo
+    return update.weight.dtype not in (torch.float32, torch.float64)
+
+
 def merge_crosslingual_into_base(
-    model: PeftModel, config: AdaMergeXConfig, *, exact_undo: bool = True
+    model: PeftModel, config: AdaMergeXConfig, *, exact_undo: bool | None = None
 ) -> BaseMergeHandle:
     """Add the AdaMergeX update to the base weights of ``model`` in place (zero inference overhead).
 
@@ -352,20 +366,23 @@ def merge_crosslingual_into_base(
     ``model.unload()``.
 
     Each module's result is checked in the weight's own dtype (a large ``t`` can overflow fp16 or
-    bf16); a non-finite result, or any other failure, restores every weight already changed before
-    the error propagates: bit for bit (with ``exact_undo=False``, modules already committed are
-    restored by the inverse update, i.e. up to rounding).
+    bf16). A non-finite result, or any other failure (out of memory, Ctrl-C), restores every weight
+    already changed before the error propagates: the failing module from its copy, bit for bit;
+    modules already committed from their kept copies, bit for bit, or else by the inverse update
+    (float32: up to rounding).
 
-    Memory: a copy of every touched base weight (and (IA)^3 bias) is kept in its own dtype until
-    :meth:`BaseMergeHandle.undo` (``exact_undo=True``, the default), e.g. 2 bytes per entry of the
-    targeted bf16 weights; with ``exact_undo=False`` only one weight's copy at a time is held during
-    the merge, and undo subtracts/divides the update instead (see :meth:`BaseMergeHandle.undo`).
+    Memory: while a module is merged, a copy of its weight (and (IA)^3 bias) is held. With
+    ``exact_undo`` (default: for weights below float32) that copy is kept until
+    :meth:`BaseMergeHandle.undo`: 2 bytes per entry of every targeted bf16/fp16 weight, i.e. the
+    targeted weights once more (about 13 GB for LoRA on all linear layers of a 7B bf16 model), on
+    the weights' device. ``exact_undo=False`` keeps none (undo subtracts/divides, drift per cycle);
+    ``exact_undo=True`` keeps float32 copies too (4 bytes per entry).
 
     Args:
         model: a ``PeftModel`` holding the adapters named in ``config``; no adapter may be merged
             by PEFT (``merge_adapter()``) at the time.
         config: which adapters, ``t``, method and strategies.
-        exact_undo: keep the copies that make ``undo()`` bit-exact.
+        exact_undo: keep the copies that make ``undo()`` bit-exact; ``None``: only below float32.
 
     Returns:
         A :class:`BaseMergeHandle`; ``handle.undo()`` restores the weights (e.g. to try another ``t``
@@ -373,22 +390,21 @@ def merge_crosslingual_into_base(
 
     Raises:
         AdaMergeXError: as :func:`merge_crosslingual`, an adapter merged by PEFT, or a non-finite
-            result in the weight dtype; nothing is modified.
+            result in the weight dtype (naming the module and dtype); nothing is modified.
     """
     _check_peft_model(model)
     _check_nothing_merged(model)
     result = _compute(model, config)
     updates = _plan_base_updates(model, result)
-    handle = BaseMergeHandle(config=config, report=result.report, exact_undo=exact_undo)
-    touched: list[_Touched] = []
-    committed: list = []
+    handle = BaseMergeHandle(config=config, report=result.report)
+    entries: list = []
     with torch.no_grad():
         try:
             for update in updates:
-                saved = [_Touched(update.module, p, p.data.clone()) for p in update.params()]
-                touched.extend(saved)
+                items = [_Touched(update.module, p, p.data.clone()) for p in update.params()]
+                entries.append((update, items))
                 update.apply(1.0)
-                for item in saved:
+                for item in items:
                     if not _all_finite(item.param.data):
                         raise AdaMergeXError(
                             f"module {update.module!r}: the merged base weight has NaN/Inf in "
@@ -396,18 +412,14 @@ def merge_crosslingual_into_base(
                             "The base weights were restored."
                         )
                     item.seal()
-                if not exact_undo:
-                    for item in saved:
+                if not _keeps_copy(update, exact_undo):
+                    for item in items:
                         item.original = None
-                    committed.append(update)
         except BaseException:  # a non-finite result, out of memory half-way, Ctrl-C: restore, then re-raise
-            for item in reversed(touched):
-                if item.original is not None:
-                    item.restore()
-            for update in reversed(committed):  # exact_undo=False: modules already committed, no copy kept
-                update.apply(-1.0)
+            for update, items in reversed(entries):
+                _take_out(update, items)
             raise
-    handle._updates, handle._touched = updates, touched
+    handle._entries = entries
     logger.info("merged %s (t=%g) into %d base weights", config.method, config.t, len(updates))
     return handle
 
