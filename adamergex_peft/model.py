@@ -182,27 +182,56 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
 
 
 # ------------------------------------------------------------------------------ merge into the base
-def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
-    """``weight += alpha * left @ right`` in place, accumulating in float32.
+def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> bool:
+    """``weight += alpha * left @ right`` in place, accumulating in float32; False if it does not fit the dtype.
 
-    A float32 weight gets one ``addmm_``; another dtype is updated in row blocks through one reused
-    float32 buffer of at most ``_CHUNK_ELEMENTS`` elements (a single rounding per weight entry).
+    The weight is updated in row blocks through one reused float32 buffer of at most
+    ``_CHUNK_ELEMENTS`` elements (a single rounding per weight entry); each block is checked in the
+    weight's dtype *before* it is written. On a non-finite block (returns False) or an exception,
+    the blocks already written are taken out again (subtracting: float32 round-off, or one more
+    rounding below float32), so the weight holds no NaN/Inf from this call.
     """
     left = left.to(device=weight.device, dtype=torch.float32)
     right = right.to(device=weight.device, dtype=torch.float32)
-    if weight.dtype == torch.float32:
-        weight.addmm_(left, right, alpha=alpha)
-        return
     cols = weight.shape[1]
     rows = max(1, min(weight.shape[0], _CHUNK_ELEMENTS // max(1, cols)))
-    buffer = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
+    work = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
+    stage = (
+        work if weight.dtype == torch.float32 else torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
+    )
+    done = 0
+    try:
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows]
+            n = block.shape[0]
+            if weight.dtype == torch.float32:
+                torch.addmm(block, left[start : start + n], right, alpha=alpha, out=work[:n])
+            else:
+                work[:n].copy_(block)
+                work[:n].addmm_(left[start : start + n], right, alpha=alpha)
+                stage[:n].copy_(work[:n])
+            if not _all_finite(stage[:n]):
+                _add_rows_(weight[:done], left[:done], right, -alpha, work)
+                return False
+            block.copy_(stage[:n])
+            done = start + n
+    except BaseException:
+        _add_rows_(weight[:done], left[:done], right, -alpha, work)
+        raise
+    return True
+
+
+def _add_rows_(
+    weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float, work: torch.Tensor
+) -> None:
+    """``weight += alpha * left @ right`` in row blocks of ``work`` (float32), without checks."""
+    rows = work.shape[0]
     for start in range(0, weight.shape[0], rows):
         block = weight[start : start + rows]
         n = block.shape[0]
-        work = buffer[:n]
-        work.copy_(block)
-        work.addmm_(left[start : start + n], right, alpha=alpha)
-        block.copy_(work)
+        work[:n].copy_(block)
+        work[:n].addmm_(left[start : start + n], right, alpha=alpha)
+        block.copy_(work[:n])
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -231,8 +260,8 @@ class _LoraUpdate:
     def params(self) -> list[torch.nn.Parameter]:
         return [self.weight]
 
-    def apply(self, sign: float) -> None:
-        _add_low_rank_(self.weight.data, self.left, self.right, sign * self.scaling)
+    def apply(self, sign: float) -> bool | None:
+        return _add_low_rank_(self.weight.data, self.left, self.right, sign * self.scaling)
 
 
 @dataclass
@@ -246,12 +275,20 @@ class _IA3Update:
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
 
-    def apply(self, sign: float) -> None:
+    def apply(self, sign: float) -> bool:
+        """Multiply (sign > 0) or divide by the scale; False, changing nothing, if the result is not finite."""
         op = torch.mul if sign > 0 else torch.div
+        results = []
         for param, scale in ((self.weight, self.scale), (self.bias, self.bias_scale)):
             if param is not None:
                 data = param.data
-                data.copy_(op(data.float(), scale.to(data.device)).to(data.dtype))
+                value = op(data.float(), scale.to(data.device)).to(data.dtype)
+                if not _all_finite(value):
+                    return False
+                results.append((data, value))
+        for data, value in results:
+            data.copy_(value)
+        return True
 
 
 @dataclass
@@ -347,6 +384,12 @@ def _take_out(update, items: list[_Touched]) -> None:
         update.apply(-1.0)
 
 
+def _restore_copies(items: list[_Touched]) -> None:
+    for item in items:
+        if item.original is not None:
+            item.restore()
+
+
 def _keeps_copy(update, exact_undo: bool | None) -> bool:
     if exact_undo is not None:
         return exact_undo
@@ -371,12 +414,13 @@ def merge_crosslingual_into_base(
     modules already committed from their kept copies, bit for bit, or else by the inverse update
     (float32: up to rounding).
 
-    Memory: while a module is merged, a copy of its weight (and (IA)^3 bias) is held. With
-    ``exact_undo`` (default: for weights below float32) that copy is kept until
+    Memory: with ``exact_undo`` (default: for weights below float32) a copy of each touched weight
+    (and (IA)^3 bias) is taken before it is changed and kept until
     :meth:`BaseMergeHandle.undo`: 2 bytes per entry of every targeted bf16/fp16 weight, i.e. the
     targeted weights once more (about 13 GB for LoRA on all linear layers of a 7B bf16 model), on
-    the weights' device. ``exact_undo=False`` keeps none (undo subtracts/divides, drift per cycle);
-    ``exact_undo=True`` keeps float32 copies too (4 bytes per entry).
+    the weights' device. ``exact_undo=False`` keeps none (undo and a failure's rollback subtract or
+    divide: drift per cycle; beyond the weights only one float32 row block, or for (IA)^3 one
+    module's float32 result, is allocated); ``exact_undo=True`` keeps float32 copies too.
 
     Args:
         model: a ``PeftModel`` holding the adapters named in ``config``; no adapter may be merged
@@ -401,20 +445,23 @@ def merge_crosslingual_into_base(
     with torch.no_grad():
         try:
             for update in updates:
-                items = [_Touched(update.module, p, p.data.clone()) for p in update.params()]
-                entries.append((update, items))
-                update.apply(1.0)
+                keep = _keeps_copy(update, exact_undo)
+                items = [_Touched(update.module, p, p.data.clone() if keep else None) for p in update.params()]
+                try:
+                    ok = update.apply(1.0)  # writes only finite values; takes itself out on failure
+                except BaseException:
+                    _restore_copies(items)
+                    raise
+                if ok is False:
+                    _restore_copies(items)  # bit for bit over the subtraction
+                    raise AdaMergeXError(
+                        f"module {update.module!r}: the merged base weight would have NaN/Inf in "
+                        f"{update.weight.dtype} (t={config.t:g} overflows it); use a smaller t or a wider dtype. "
+                        "The base weights were restored."
+                    )
                 for item in items:
-                    if not _all_finite(item.param.data):
-                        raise AdaMergeXError(
-                            f"module {update.module!r}: the merged base weight has NaN/Inf in "
-                            f"{item.param.dtype} (t={config.t:g} overflows it); use a smaller t or a wider dtype. "
-                            "The base weights were restored."
-                        )
                     item.seal()
-                if not _keeps_copy(update, exact_undo):
-                    for item in items:
-                        item.original = None
+                entries.append((update, items))
         except BaseException:  # a non-finite result, out of memory half-way, Ctrl-C: restore, then re-raise
             for update, items in reversed(entries):
                 _take_out(update, items)
