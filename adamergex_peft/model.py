@@ -22,17 +22,40 @@ from adamergex_peft.errors import AdaMergeXError
 from adamergex_peft.merge import (
     IA3_SUFFIX,
     LORA_SUFFIXES,
-    PREFIX,
     AdapterWeights,
     MergeResult,
     _module_target_name,
     merge_state_dicts,
 )
+from adamergex_peft.merge_utils import lora_scaling
 
 logger = logging.getLogger(__name__)
 
 #: Size (in elements) of the float32 buffer used to add an update to a non-float32 weight in row blocks.
 _CHUNK_ELEMENTS = 1 << 20
+
+#: Entries sampled (evenly spaced) from each merged weight as its fingerprint for :meth:`BaseMergeHandle.undo`.
+_FINGERPRINT_ENTRIES = 256
+
+#: Names PEFT uses for its own sub-modules and parameters; an adapter with such a name confuses PEFT's lookups.
+_PEFT_RESERVED_NAMES = frozenset(
+    {
+        "weight",
+        "bias",
+        "base_layer",
+        "base_model",
+        "model",
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_dropout",
+        "lora_magnitude_vector",
+        "ia3_l",
+        "modules_to_save",
+        "original_module",
+    }
+)
 
 
 def _check_peft_model(model) -> None:
@@ -66,6 +89,20 @@ def _compute(model: PeftModel, config: AdaMergeXConfig) -> MergeResult:
         for name in names.values()
     ]
     return merge_state_dicts(*weights, config)
+
+
+def _check_name_collision(model: PeftModel, adapter_name: str) -> None:
+    """Refuse an adapter name that is also a module or parameter name component (PEFT matches names by parts)."""
+    parts = set(_PEFT_RESERVED_NAMES)
+    for name, _ in model.named_parameters():
+        parts.update(name.split("."))
+    for name, _ in model.named_modules():
+        parts.update(name.split("."))
+    if adapter_name in parts:
+        raise AdaMergeXError(
+            f"adapter_name {adapter_name!r} is also a module or parameter name in this model (PEFT finds adapters "
+            "by name parts); choose another name."
+        )
 
 
 def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: str) -> str:
@@ -104,8 +141,10 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
             f"an adapter named {adapter_name!r} already exists; choose another name or delete it first "
             f"(model.delete_adapter({adapter_name!r}))."
         )
+    _check_name_collision(model, adapter_name)
     result = _compute(model, config)
     active_before = list(model.active_adapters)
+    requires_grad = {param: param.requires_grad for param in model.parameters()}
     try:
         model.add_adapter(adapter_name, result.peft_config, low_cpu_mem_usage=True)
         load = set_peft_model_state_dict(model, result.state_dict, adapter_name=adapter_name, low_cpu_mem_usage=True)
@@ -120,6 +159,8 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
             model.delete_adapter(adapter_name)
         if list(model.active_adapters) != active_before:
             model.set_adapter(active_before if len(active_before) > 1 else active_before[0])
+        for param, flag in requires_grad.items():  # PEFT's add/delete/set_adapter toggle requires_grad
+            param.requires_grad_(flag)
         raise
     # PEFT moves a loaded adapter to the base layer's device *and dtype*; keep the task adapter's dtype.
     dtype = next(iter(result.state_dict.values())).dtype
@@ -141,53 +182,154 @@ def merge_crosslingual(model: PeftModel, config: AdaMergeXConfig, adapter_name: 
 
 
 # ------------------------------------------------------------------------------ merge into the base
-def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
-    """``weight += alpha * left @ right`` in place, accumulating in float32.
+def _add_low_rank_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> bool:
+    """``weight += alpha * left @ right`` in place, accumulating in float32; False if it does not fit the dtype.
 
-    A float32 weight gets one ``addmm_``; another dtype is updated in row blocks through one reused
-    float32 buffer of at most ``_CHUNK_ELEMENTS`` elements (a single rounding per weight entry).
+    The weight is updated in row blocks through one reused float32 buffer of at most
+    ``_CHUNK_ELEMENTS`` elements (a single rounding per weight entry); each block is checked in the
+    weight's dtype *before* it is written. On a non-finite block (returns False) or an exception,
+    the blocks already written are taken out again (subtracting: float32 round-off, or one more
+    rounding below float32), so the weight holds no NaN/Inf from this call.
     """
     left = left.to(device=weight.device, dtype=torch.float32)
     right = right.to(device=weight.device, dtype=torch.float32)
-    if weight.dtype == torch.float32:
-        weight.addmm_(left, right, alpha=alpha)
-        return
     cols = weight.shape[1]
     rows = max(1, min(weight.shape[0], _CHUNK_ELEMENTS // max(1, cols)))
-    buffer = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
+    work = torch.empty((rows, cols), dtype=torch.float32, device=weight.device)
+    stage = (
+        work if weight.dtype == torch.float32 else torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
+    )
+    done = 0
+    try:
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start : start + rows]
+            n = block.shape[0]
+            if weight.dtype == torch.float32:
+                torch.addmm(block, left[start : start + n], right, alpha=alpha, out=work[:n])
+            else:
+                work[:n].copy_(block)
+                work[:n].addmm_(left[start : start + n], right, alpha=alpha)
+                stage[:n].copy_(work[:n])
+            if not _all_finite(stage[:n]):
+                _add_rows_(weight[:done], left[:done], right, -alpha, work)
+                return False
+            block.copy_(stage[:n])
+            done = start + n
+    except BaseException:
+        _add_rows_(weight[:done], left[:done], right, -alpha, work)
+        raise
+    return True
+
+
+def _add_rows_(
+    weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float, work: torch.Tensor
+) -> None:
+    """``weight += alpha * left @ right`` in row blocks of ``work`` (float32), without checks."""
+    rows = work.shape[0]
     for start in range(0, weight.shape[0], rows):
         block = weight[start : start + rows]
         n = block.shape[0]
-        work = buffer[:n]
-        work.copy_(block)
-        work.addmm_(left[start : start + n], right, alpha=alpha)
-        block.copy_(work)
+        work[:n].copy_(block)
+        work[:n].addmm_(left[start : start + n], right, alpha=alpha)
+        block.copy_(work[:n])
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Exact, no temporary: a finite sum proves it; else min and max (NaN propagates, an Inf is one of them)."""
+    if tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum())):  # any NaN/Inf makes the sum NaN/Inf; cheaper than aminmax
+        return True
+    low, high = torch.aminmax(tensor)  # the sum may also overflow: decide exactly
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``_FINGERPRINT_ENTRIES`` evenly spaced entries (and the last one) of ``tensor``."""
+    flat = tensor.reshape(-1)
+    step = max(1, flat.numel() // _FINGERPRINT_ENTRIES)
+    return torch.cat([flat[::step], flat[-1:]]).clone()
 
 
 @dataclass
 class _LoraUpdate:
+    module: str
     weight: torch.nn.Parameter
     left: torch.Tensor
     right: torch.Tensor
     scaling: float
 
-    def apply(self, sign: float) -> None:
-        _add_low_rank_(self.weight.data, self.left, self.right, sign * self.scaling)
+    def params(self) -> list[torch.nn.Parameter]:
+        return [self.weight]
+
+    def apply(self, sign: float) -> bool | None:
+        return _add_low_rank_(self.weight.data, self.left, self.right, sign * self.scaling)
 
 
 @dataclass
 class _IA3Update:
+    module: str
     weight: torch.nn.Parameter
     scale: torch.Tensor  # broadcastable to weight
     bias: torch.nn.Parameter | None
     bias_scale: torch.Tensor | None
 
-    def apply(self, sign: float) -> None:
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def apply(self, sign: float) -> bool:
+        """Multiply (sign > 0) or divide by the scale; False, changing nothing, if the result is not finite."""
         op = torch.mul if sign > 0 else torch.div
+        results = []
         for param, scale in ((self.weight, self.scale), (self.bias, self.bias_scale)):
             if param is not None:
                 data = param.data
-                data.copy_(op(data.float(), scale.to(data.device)).to(data.dtype))
+                value = op(data.float(), scale.to(data.device)).to(data.dtype)
+                if not _all_finite(value):
+                    return False
+                results.append((data, value))
+        for data, value in results:
+            data.copy_(value)
+        return True
+
+
+@dataclass
+class _Touched:
+    """One base parameter changed by a merge: what it was, and what it looked like right after."""
+
+    module: str
+    param: torch.nn.Parameter
+    original: torch.Tensor | None  # a copy of the weights before the merge (None: undo by inverse update)
+    data_ptr: int = 0
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    shape: tuple = ()
+    fingerprint: torch.Tensor | None = None
+
+    def seal(self) -> None:
+        """Record the identity and a fingerprint of the merged weights (checked by undo)."""
+        data = self.param.data
+        self.data_ptr, self.dtype, self.device, self.shape = (
+            data.data_ptr(),
+            data.dtype,
+            data.device,
+            tuple(data.shape),
+        )
+        self.fingerprint = _fingerprint(data)
+
+    def problem(self) -> str | None:
+        """Why these are no longer the weights that were merged into, or None."""
+        data = self.param.data
+        if data.dtype != self.dtype or data.device != self.device or tuple(data.shape) != self.shape:
+            return f"now {data.dtype} {tuple(data.shape)} on {data.device}, merged as {self.dtype} {self.shape} on {self.device}"
+        if data.data_ptr() != self.data_ptr:
+            return "the weight tensor was replaced"
+        if not torch.equal(_fingerprint(data), self.fingerprint):
+            return "the weight values were changed"
+        return None
+
+    def restore(self) -> None:
+        self.param.data.copy_(self.original)
 
 
 @dataclass
@@ -199,24 +341,66 @@ class BaseMergeHandle:
 
     config: AdaMergeXConfig
     report: dict
-    _updates: list = field(default_factory=list, repr=False)
+    _entries: list = field(default_factory=list, repr=False)  # (update, [_Touched, ...]) per module
     merged: bool = True
 
     def undo(self) -> None:
-        """Subtract (LoRA) or divide out ((IA)^3) the merged update, restoring the base weights.
+        """Restore the base weights as they were before the merge.
 
-        In float32 the weights come back up to rounding (about 1e-7 relative); in bf16/fp16 each
-        merge/undo pair rounds once more. Calling it twice is an error.
+        A module whose original weights were kept (bf16/fp16 weights by default, every weight with
+        ``exact_undo=True``) gets them back bit for bit, however many merge/undo cycles. Otherwise
+        (float32 by default, or ``exact_undo=False``) the update is subtracted (LoRA) or divided out
+        ((IA)^3): about 1e-7 relative per cycle in float32 (one more rounding per cycle in bf16/fp16).
+
+        Refuses, changing nothing, when the weights are no longer the ones merged into: converted
+        (``model.half()``, ``.double()``, ``.to(dtype)``/device), replaced, or changed in place
+        (``load_state_dict``, another merge on top; detected from a fingerprint of sampled entries
+        taken after the merge). Calling it twice is an error.
+
+        Raises:
+            AdaMergeXError: already undone, or the weights changed since the merge.
         """
         if not self.merged:
             raise AdaMergeXError("this merge was already undone.")
+        for _, items in self._entries:
+            for touched in items:
+                problem = touched.problem()
+                if problem is not None:
+                    raise AdaMergeXError(
+                        f"cannot undo: module {touched.module!r}: {problem} since the merge (dtype/device "
+                        "conversion, load_state_dict or another merge?); nothing was changed, reload the base "
+                        "model instead."
+                    )
         with torch.no_grad():
-            for update in reversed(self._updates):
-                update.apply(-1.0)
+            for update, items in reversed(self._entries):
+                _take_out(update, items)
+        self._entries = []
         self.merged = False
 
 
-def merge_crosslingual_into_base(model: PeftModel, config: AdaMergeXConfig) -> BaseMergeHandle:
+def _take_out(update, items: list[_Touched]) -> None:
+    if all(item.original is not None for item in items):
+        for item in items:
+            item.restore()
+    else:
+        update.apply(-1.0)
+
+
+def _restore_copies(items: list[_Touched]) -> None:
+    for item in items:
+        if item.original is not None:
+            item.restore()
+
+
+def _keeps_copy(update, exact_undo: bool | None) -> bool:
+    if exact_undo is not None:
+        return exact_undo
+    return update.weight.dtype not in (torch.float32, torch.float64)
+
+
+def merge_crosslingual_into_base(
+    model: PeftModel, config: AdaMergeXConfig, *, exact_undo: bool | None = None
+) -> BaseMergeHandle:
     """Add the AdaMergeX update to the base weights of ``model`` in place (zero inference overhead).
 
     LoRA: ``W += s B A`` per module with the merged factors (for ``exact``, the stacked factors of
@@ -226,26 +410,82 @@ def merge_crosslingual_into_base(model: PeftModel, config: AdaMergeXConfig) -> B
     so evaluate the merged base with ``with model.disable_adapter(): ...`` or take it out with
     ``model.unload()``.
 
+    Each module's result is checked in the weight's own dtype (a large ``t`` can overflow fp16 or
+    bf16). A non-finite result, or any other failure (out of memory, Ctrl-C), restores every weight
+    already changed before the error propagates: the failing module from its copy, bit for bit;
+    modules already committed from their kept copies, bit for bit, or else by the inverse update
+    (float32: up to rounding).
+
+    Memory: with ``exact_undo`` (default: for weights below float32) a copy of each touched weight
+    (and (IA)^3 bias) is taken before it is changed and kept until
+    :meth:`BaseMergeHandle.undo`: 2 bytes per entry of every targeted bf16/fp16 weight, i.e. the
+    targeted weights once more (about 13 GB for LoRA on all linear layers of a 7B bf16 model), on
+    the weights' device. ``exact_undo=False`` keeps none (undo and a failure's rollback subtract or
+    divide: drift per cycle; beyond the weights only one float32 row block, or for (IA)^3 one
+    module's float32 result, is allocated); ``exact_undo=True`` keeps float32 copies too.
+
+    Args:
+        model: a ``PeftModel`` holding the adapters named in ``config``; no adapter may be merged
+            by PEFT (``merge_adapter()``) at the time.
+        config: which adapters, ``t``, method and strategies.
+        exact_undo: keep the copies that make ``undo()`` bit-exact; ``None``: only below float32.
+
     Returns:
         A :class:`BaseMergeHandle`; ``handle.undo()`` restores the weights (e.g. to try another ``t``
         without reloading the model).
 
     Raises:
-        AdaMergeXError: as :func:`merge_crosslingual`; nothing is modified.
+        AdaMergeXError: as :func:`merge_crosslingual`, an adapter merged by PEFT, or a non-finite
+            result in the weight dtype (naming the module and dtype); nothing is modified.
     """
+    _check_peft_model(model)
+    _check_nothing_merged(model)
     result = _compute(model, config)
     updates = _plan_base_updates(model, result)
-    handle = BaseMergeHandle(config=config, report=result.report, _updates=[])
+    handle = BaseMergeHandle(config=config, report=result.report)
+    entries: list = []
     with torch.no_grad():
         try:
             for update in updates:
-                update.apply(1.0)
-                handle._updates.append(update)
-        except BaseException:  # e.g. out of memory half-way: take out what was added, then re-raise
-            handle.undo()
+                keep = _keeps_copy(update, exact_undo)
+                items = [_Touched(update.module, p, p.data.clone() if keep else None) for p in update.params()]
+                try:
+                    ok = update.apply(1.0)  # writes only finite values; takes itself out on failure
+                except BaseException:
+                    _restore_copies(items)
+                    raise
+                if ok is False:
+                    _restore_copies(items)  # bit for bit over the subtraction
+                    raise AdaMergeXError(
+                        f"module {update.module!r}: the merged base weight would have NaN/Inf in "
+                        f"{update.weight.dtype} (t={config.t:g} overflows it); use a smaller t or a wider dtype. "
+                        "The base weights were restored."
+                    )
+                for item in items:
+                    item.seal()
+                entries.append((update, items))
+        except BaseException:  # a non-finite result, out of memory half-way, Ctrl-C: restore, then re-raise
+            for update, items in reversed(entries):
+                _take_out(update, items)
             raise
+    handle._entries = entries
     logger.info("merged %s (t=%g) into %d base weights", config.method, config.t, len(updates))
     return handle
+
+
+def _check_nothing_merged(model: PeftModel) -> None:
+    """Refuse while PEFT has an adapter merged into the base weights (the update would count twice)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            merged.update(getattr(module, "merged_adapters", []) or [])
+    if merged:
+        raise AdaMergeXError(
+            f"adapter(s) {sorted(merged)} are merged into the base weights by PEFT (merge_adapter()); call "
+            "model.unmerge_adapter() first, or the task update would count twice."
+        )
 
 
 def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
@@ -253,7 +493,7 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
     cfg = result.peft_config
     updates: list = []
     if cfg.peft_type.value == "LORA":
-        scaling = cfg.lora_alpha / (cfg.r**0.5 if cfg.use_rslora else cfg.r)
+        scaling = lora_scaling(cfg.lora_alpha, cfg.r, cfg.use_rslora)
         modules = sorted({k[: -len(s)] for k in result.state_dict for s in LORA_SUFFIXES if k.endswith(s)})
         for module in modules:
             layer = _layer(model, module, LoraLayer)
@@ -266,7 +506,7 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
                     f"module {_module_target_name(module)!r}: merged update does not fit the base weight "
                     f"{tuple(weight.shape)}."
                 )
-            updates.append(_LoraUpdate(weight, left, right, scaling))
+            updates.append(_LoraUpdate(_module_target_name(module), weight, left, right, scaling))
     else:
         for key, vec in result.state_dict.items():
             module = key[: -len(IA3_SUFFIX)]
@@ -281,7 +521,15 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
             scale = vec.T if getattr(layer, "fan_in_fan_out", False) else vec
             base = layer.get_base_layer()
             bias = base.bias if (not layer.is_feedforward and getattr(base, "bias", None) is not None) else None
-            updates.append(_IA3Update(weight, scale, bias, vec.reshape(bias.shape) if bias is not None else None))
+            updates.append(
+                _IA3Update(
+                    _module_target_name(module),
+                    weight,
+                    scale,
+                    bias,
+                    vec.reshape(bias.shape) if bias is not None else None,
+                )
+            )
     return updates
 
 
@@ -295,11 +543,11 @@ def _layer(model: PeftModel, module: str, kind: type):
     return layer
 
 
-def _base_weight(layer, module: str) -> torch.Tensor:
+def _base_weight(layer, module: str) -> torch.nn.Parameter:
     weight = getattr(layer.get_base_layer(), "weight", None)
     if weight is None or not weight.is_floating_point():
         raise AdaMergeXError(
-            f"module {module[len(PREFIX) :]!r}: the base weight is not a floating-point tensor "
+            f"module {_module_target_name(module)!r}: the base weight is not a floating-point tensor "
             "(quantized?); merge into an unquantized model."
         )
-    return weight.data
+    return weight
