@@ -30,14 +30,14 @@ def merge_crosslingual(self, config: Any, adapter_name: str) -> str:
     return impl(self, config, adapter_name)
 
 
-def merge_crosslingual_into_base(self, config: Any) -> Any:
+def merge_crosslingual_into_base(self, config: Any, **kwargs: Any) -> Any:
     """Add the AdaMergeX update to the base weights in place; returns a handle with ``undo()``.
 
     See :func:`adamergex_peft.merge_crosslingual_into_base`.
     """
     from adamergex_peft.model import merge_crosslingual_into_base as impl
 
-    return impl(self, config)
+    return impl(self, config, **kwargs)
 
 
 METHODS = {"merge_crosslingual": merge_crosslingual, "merge_crosslingual_into_base": merge_crosslingual_into_base}

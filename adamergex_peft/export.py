@@ -24,13 +24,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adamergex_peft.atomic import current_umask
+from adamergex_peft.atomic import publish_folder
 from adamergex_peft.config import CONFIG_NAME
 from adamergex_peft.errors import AdaMergeXError
 
@@ -182,7 +181,7 @@ def _plan(peft_config, state_dict: dict, name: str, weight_map: dict[str, str], 
     updates: list[_Update] = []
     if peft_config.peft_type.value == "LORA":
         for module, lora in engine._parse_lora(adapter).items():
-            target = engine._module_target_name(module)
+            target = engine.module_target_name(module)
             key = _require_key(name, target, "weight", weight_map, base_dir)
             a, b = lora.a.float(), lora.b.float()
             left, right = (a.T, b.T) if fan_in_fan_out else (b, a)
@@ -190,7 +189,7 @@ def _plan(peft_config, state_dict: dict, name: str, weight_map: dict[str, str], 
             updates.append(_Update(target, key, weight_map[key], "lora", left, right, lora.scaling))
     else:
         for module, vec in engine._parse_ia3(adapter).items():
-            target = engine._module_target_name(module)
+            target = engine.module_target_name(module)
             key = _require_key(name, target, "weight", weight_map, base_dir)
             vec = vec.to(torch.float32)
             is_ff = IA3Model._check_target_module_feedforward(peft_config, target)  # PEFT's own rule
@@ -371,16 +370,6 @@ def _copy_side_files(base_dir: Path, tmp: Path, dtype) -> None:
             shutil.copyfile(entry, tmp / entry.name)
 
 
-def publish_folder(tmp: Path, output_dir: Path) -> None:
-    """Move the finished temporary folder ``tmp`` to ``output_dir`` (replacing an existing one).
-
-    One small function so that it can later call the shared folder publisher of :mod:`adamergex_peft.files`.
-    """
-    from adamergex_peft.files import _replace_folder
-
-    _replace_folder(tmp, output_dir)
-
-
 def _to_dtype(dtype):
     import torch
 
@@ -444,11 +433,7 @@ def export_merged_model(
     weight_map, index = _shard_map(base_dir)
     updates = _plan(peft_config, state_dict, name, weight_map, base_dir)
 
-    parent = out_resolved.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes a private 0o700 folder
+    def write(tmp: Path) -> None:
         total = _write_shards(base_dir, tmp, weight_map, updates, out_dtype, name)
         if index is not None:
             new_index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total}}
@@ -466,9 +451,9 @@ def export_merged_model(
         }
         full_record = {**(record or {}), "export": export_record}
         (tmp / CONFIG_NAME).write_text(json.dumps(full_record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        publish_folder(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # The same publisher as adapter outputs: temporary folder, create-if-absent rename (or a
+    # recoverable swap with ``overwrite``); nothing is left behind on failure.
+    publish_folder(output_dir, write, overwrite=overwrite)
     logger.info("exported %s merged into %s to %s (%d tensors updated)", name, base_dir, output_dir, len(updates))
     return output_dir

@@ -85,9 +85,6 @@ def module_target_name(module: str) -> str:
     return module[len(PREFIX) :] if module.startswith(PREFIX) else module
 
 
-_module_target_name = module_target_name  # deprecated private alias (adamergex_peft.model imports it)
-
-
 def _check_config(adapter: AdapterWeights) -> None:
     cfg = adapter.peft_config
     if cfg.peft_type not in (PeftType.LORA, PeftType.IA3):

@@ -24,8 +24,8 @@ from adamergex_peft.merge import (
     LORA_SUFFIXES,
     AdapterWeights,
     MergeResult,
-    _module_target_name,
     merge_state_dicts,
+    module_target_name,
 )
 from adamergex_peft.merge_utils import lora_scaling
 
@@ -69,11 +69,8 @@ def _check_peft_model(model) -> None:
 def _compute(model: PeftModel, config: AdaMergeXConfig) -> MergeResult:
     """Validate the named adapters and run the engine on their (shared, uncopied) tensors."""
     _check_peft_model(model)
-    names = {
-        "task_adapter": config.task_adapter,
-        "source_reference_adapter": config.source_reference_adapter,
-        "target_reference_adapter": config.target_reference_adapter,
-    }
+    config.validate()
+    names = config.adapters
     for field_name, name in names.items():
         if name not in model.peft_config:
             raise AdaMergeXError(
@@ -503,10 +500,10 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
             left, right = (a.T, b.T) if getattr(layer, "fan_in_fan_out", False) else (b, a)
             if tuple(weight.shape) != (left.shape[0], right.shape[1]):
                 raise AdaMergeXError(
-                    f"module {_module_target_name(module)!r}: merged update does not fit the base weight "
+                    f"module {module_target_name(module)!r}: merged update does not fit the base weight "
                     f"{tuple(weight.shape)}."
                 )
-            updates.append(_LoraUpdate(_module_target_name(module), weight, left, right, scaling))
+            updates.append(_LoraUpdate(module_target_name(module), weight, left, right, scaling))
     else:
         for key, vec in result.state_dict.items():
             module = key[: -len(IA3_SUFFIX)]
@@ -515,7 +512,7 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
             vec = vec.to(device=weight.device, dtype=torch.float32)
             if bool((vec == 0).any()):
                 raise AdaMergeXError(
-                    f"module {_module_target_name(module)!r}: the merged (IA)^3 vector has zeros; merging it into the "
+                    f"module {module_target_name(module)!r}: the merged (IA)^3 vector has zeros; merging it into the "
                     "base could not be undone."
                 )
             scale = vec.T if getattr(layer, "fan_in_fan_out", False) else vec
@@ -523,7 +520,7 @@ def _plan_base_updates(model: PeftModel, result: MergeResult) -> list:
             bias = base.bias if (not layer.is_feedforward and getattr(base, "bias", None) is not None) else None
             updates.append(
                 _IA3Update(
-                    _module_target_name(module),
+                    module_target_name(module),
                     weight,
                     scale,
                     bias,
@@ -539,7 +536,7 @@ def _layer(model: PeftModel, module: str, kind: type):
     except AttributeError:
         layer = None
     if not isinstance(layer, kind):
-        raise AdaMergeXError(f"module {_module_target_name(module)!r}: no {kind.__name__} at this path in the model.")
+        raise AdaMergeXError(f"module {module_target_name(module)!r}: no {kind.__name__} at this path in the model.")
     return layer
 
 
@@ -547,7 +544,7 @@ def _base_weight(layer, module: str) -> torch.nn.Parameter:
     weight = getattr(layer.get_base_layer(), "weight", None)
     if weight is None or not weight.is_floating_point():
         raise AdaMergeXError(
-            f"module {_module_target_name(module)!r}: the base weight is not a floating-point tensor "
+            f"module {module_target_name(module)!r}: the base weight is not a floating-point tensor "
             "(quantized?); merge into an unquantized model."
         )
     return weight

@@ -104,6 +104,7 @@ from typing import Any, NamedTuple
 
 from adamergex_peft.atomic import atomic_write_bytes, atomic_write_text
 from adamergex_peft.config import ADAPTER_FIELDS, DEFAULT_ADAPTER_NAMES, AdaMergeXConfig
+from adamergex_peft.errors import AdaMergeXError
 from adamergex_peft.methods import get_method
 
 logger = logging.getLogger(__name__)
@@ -909,9 +910,15 @@ def _merged_evaluation(peft_model, cfg: AdaMergeXConfig, evaluate: Callable[[Any
     handle = merge_crosslingual_into_base(peft_model, cfg)
     try:
         with peft_model.disable_adapter():
-            return evaluate(peft_model.get_base_model())
-    finally:
-        handle.undo()
+            summary = evaluate(peft_model.get_base_model())
+    except BaseException:
+        try:
+            handle.undo()
+        except AdaMergeXError as undo_error:  # keep the evaluation's error, which is the one to see
+            logger.error("could not undo the merge of %s after a failed evaluation: %s", cfg.method, undo_error)
+        raise
+    handle.undo()
+    return summary
 
 
 def evaluate_points(
