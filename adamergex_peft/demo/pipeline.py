@@ -248,7 +248,7 @@ def run_demo(
         reference_files = _reference_data(run, synthetic=text_dir is None)
         jobs = _adapter_jobs(run, reference_files)
         training = {"pretrain_losses": pretrain_losses, **_train_adapters(run, model, tokenizer, jobs)}
-        scores, source_scores, errors = _evaluate(run, model, tokenizer, jobs, t)
+        scores, calibrated, source_scores, errors = _evaluate(run, model, tokenizer, jobs, t)
     settings = {
         "seed": seed,
         "t": t,
@@ -262,6 +262,7 @@ def run_demo(
         source=run.source,
         targets=list(run.targets),
         scores=scores,
+        calibrated_scores=calibrated,
         source_scores=source_scores,
         training=training,
         timings=run.timings,
@@ -421,7 +422,7 @@ def _train_adapters(run: _Run, model, tokenizer, jobs) -> dict[str, Any]:
 def _evaluate(run: _Run, model, tokenizer, jobs, t: float):
     """Step 5: lm-eval on every row, merging into the base weights and undoing, as ``adamergex sweep`` does.
 
-    Returns ``(scores, source_scores, errors)`` (see :class:`DemoResult`).
+    Returns ``(scores, calibrated_scores, source_scores, errors)`` (see :class:`DemoResult`).
     """
     from peft import PeftModel
 
@@ -440,43 +441,51 @@ def _evaluate(run: _Run, model, tokenizer, jobs, t: float):
             seed=run.seed,
             verbosity=None if run.progress else "ERROR",
             progress=run.progress,
+            label_free=True,  # per-item log-likelihoods: the calibrated accuracy of each row
         )
         for lang in run.languages
     }
-    scores, source_scores, errors = {}, {}, []
+    scores, calibrated, source_scores, errors = {}, {}, {}, []
     for family in run.size.families:
         fam_dir = run.output / "adapters" / family
         peft_model = PeftModel.from_pretrained(model, fam_dir / "task", adapter_name="task")
         for name, _kind, _data in jobs[1:]:
             peft_model.load_adapter(fam_dir / name, adapter_name=name)
         peft_model.eval()
-        scores[family], source_scores[family] = _evaluate_family(run, peft_model, family, evaluators, t, errors)
+        scores[family], calibrated[family], source_scores[family] = _evaluate_family(
+            run, peft_model, family, evaluators, t, errors
+        )
         model = peft_model.unload()  # back to the plain base model for the next family
         run.say(f"evaluated ({family}): {len(scores[family])} rows x {len(run.targets)} target languages")
     run.lap("evaluation")
-    return scores, source_scores, errors
+    return scores, calibrated, source_scores, errors
 
 
-def _evaluate_family(run: _Run, peft_model, family: str, evaluators, t: float, errors: list) -> tuple[dict, float]:
-    """The rows of one adapter family (base, every merge, oracle) and the task adapter's source score."""
+def _evaluate_family(
+    run: _Run, peft_model, family: str, evaluators, t: float, errors: list
+) -> tuple[dict, dict, float]:
+    """The rows of one adapter family (base, every merge, oracle): accuracy and label-free calibrated
+    accuracy per target language, and the task adapter's source-language accuracy."""
     from adamergex_peft import AdaMergeXError
     from adamergex_peft.methods import METHODS
     from adamergex_peft.sweep import SweepPoint, SweepResults, evaluate_points
 
     source = run.source
 
-    def score(point: SweepPoint, evaluator, folder: Path, adapters: tuple[str, ...], results: SweepResults) -> float:
-        """Merge into the base at ``point``, evaluate, undo; the record is appended to ``results``."""
+    def score(point: SweepPoint, evaluator, folder: Path, adapters: tuple[str, ...], results: SweepResults) -> tuple:
+        """Merge into the base at ``point``, evaluate, undo; ``(accuracy, calibrated accuracy)``."""
         evaluate_points(
             peft_model, [point], evaluator, results, folder, adapters=adapters, progress=run.progress, plot=False
         )
-        return results.points[-1]["score"]
+        return results.points[-1]["score"], results.points[-1].get("calibrated_score")
 
     table: dict[str, dict[str, float | None]] = {}
+    cal: dict[str, dict[str, float | None]] = {}
     with peft_model.disable_adapter():
-        table["base (no adapter)"] = {
-            lang: evaluators[lang](peft_model.get_base_model())["score"] for lang in run.targets
-        }
+        for lang in run.targets:
+            summary = evaluators[lang](peft_model.get_base_model())
+            table.setdefault("base (no adapter)", {})[lang] = summary["score"]
+            cal.setdefault("base (no adapter)", {})[lang] = summary.get("calibrated_score")
     task_only = SweepPoint("task_only", None)
     for lang in run.targets:
         eval_dir = run.output / "eval" / f"{family}_{lang}"
@@ -485,18 +494,19 @@ def _evaluate_family(run: _Run, peft_model, family: str, evaluators, t: float, e
         for method in MERGE_METHODS:
             point = SweepPoint(method, float(t) if METHODS[method].uses_t else None)
             try:
-                value = score(point, evaluators[lang], eval_dir, ("task", *references), done)
+                value, cal_value = score(point, evaluators[lang], eval_dir, ("task", *references), done)
             except AdaMergeXError as err:  # e.g. an (IA)^3 reference vector at or below zero
-                value = None
+                value = cal_value = None
                 errors.append({"family": family, "method": method, "lang": lang, "error": str(err)})
                 run.say(f"  {family} {method} {lang}: merge refused: {err}")
             table.setdefault(method, {})[lang] = value
+            cal.setdefault(method, {})[lang] = cal_value
         oracle = SweepResults(settings={"family": family, "lang": lang, "adapter": f"oracle_{lang}"})
         adapters = (f"oracle_{lang}", *references)
-        table.setdefault("oracle", {})[lang] = score(
+        table.setdefault("oracle", {})[lang], cal.setdefault("oracle", {})[lang] = score(
             task_only, evaluators[lang], eval_dir / "oracle", adapters, oracle
         )
-    source_score = score(
+    source_score, _ = score(
         task_only,
         evaluators[source],
         run.output / "eval" / f"{family}_{source}",
@@ -504,7 +514,7 @@ def _evaluate_family(run: _Run, peft_model, family: str, evaluators, t: float, e
         SweepResults(settings={"family": family, "lang": source}),
     )
     order = ["base (no adapter)", *MERGE_METHODS, "oracle"]
-    return {row: table[row] for row in order}, source_score
+    return {row: table[row] for row in order}, {row: cal[row] for row in order}, source_score
 
 
 def with_overrides(size: DemoSize, **overrides: Any) -> DemoSize:

@@ -14,26 +14,32 @@ __all__ = ["FAMILY_LABELS", "chart_png", "format_table", "gap_share", "table_row
 FAMILY_LABELS = {"lora": "LoRA", "ia3": "(IA)^3"}
 
 
-def _pct(value: float | None) -> str:
-    return "error" if value is None else f"{100 * value:.1f}"
+def _pct(value: float | None, missing: str = "error") -> str:
+    return missing if value is None else f"{100 * value:.1f}"
 
 
 def format_table(result: DemoResult) -> str:
     """The table as fixed-width text (what ``adamergex demo`` prints)."""
     targets = result.targets
-    header = ["adapter", "method", *targets, "mean", "gap closed"]
+    header = ["adapter", "method", *targets, "mean", "gap closed", *[f"cal {lang}" for lang in targets], "cal mean"]
+    header.append("cal gap closed")
     lines = []
     body = []
     for row in table_rows(result):
-        share = row["gap_closed"]
-        share_text = "" if row["method"] in ("task_only", "oracle") else ("n/a" if share is None else f"{share:+.0%}")
+
+        def share_text(share: float | None, method: str = row["method"]) -> str:
+            return "" if method in ("task_only", "oracle") else ("n/a" if share is None else f"{share:+.0%}")
+
         body.append(
             [
                 FAMILY_LABELS.get(row["family"], row["family"]),
                 row["method"],
                 *[_pct(row["scores"][lang]) for lang in targets],
                 _pct(row["mean"]),
-                share_text,
+                share_text(row["gap_closed"]),
+                *[_pct(row["calibrated_scores"].get(lang), "n/a") for lang in targets],
+                _pct(row["calibrated_mean"], "n/a"),
+                share_text(row["calibrated_gap_closed"]),
             ]
         )
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
@@ -56,6 +62,9 @@ def format_table(result: DemoResult) -> str:
         f"Accuracy (%) on the target-language test sets (lm-eval, multiple choice, chance = {100 / 4:.0f}%); merges at t={t:g}.",
         "gap closed = (mean - task_only) / (oracle - task_only): 0% = no better than the source task adapter, "
         "100% = as good as an adapter trained on target-language labels.",
+        "cal = accuracy after label-free calibration of the answer prior over each test set (acc_calibrated: class "
+        "offsets that make the predicted shares uniform; no labels read); a merge that shifts the prior loses raw "
+        "accuracy that calibration recovers.",
         "Source-language accuracy of the task adapter: "
         + ", ".join(f"{FAMILY_LABELS.get(f, f)} {100 * s:.1f}%" for f, s in result.source_scores.items())
         + f" ({result.source}).",

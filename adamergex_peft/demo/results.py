@@ -27,6 +27,8 @@ class DemoResult:
     training: dict[str, Any]
     timings: dict[str, float]
     errors: list[dict[str, str]] = field(default_factory=list)
+    #: family -> row -> lang -> accuracy after label-free calibration of the answer prior (acc_calibrated)
+    calibrated_scores: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         """Table rows: family, method, per-language scores, mean, share of the gap closed."""
@@ -38,6 +40,7 @@ class DemoResult:
             "source": self.source,
             "targets": self.targets,
             "scores": self.scores,
+            "calibrated_scores": self.calibrated_scores,
             "source_scores": self.source_scores,
             "table": self.rows(),
             "training": self.training,
@@ -54,25 +57,37 @@ def gap_share(score: float, task_only: float, oracle: float) -> float | None:
     return (score - task_only) / gap
 
 
+def _means(table: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    return {
+        method: None if not v or any(x is None for x in v.values()) else sum(v.values()) / len(v)
+        for method, v in table.items()
+    }
+
+
+def _share(means: dict[str, float | None], method: str) -> float | None:
+    if None in (means.get(method), means.get("task_only"), means.get("oracle")):
+        return None
+    return gap_share(means[method], means["task_only"], means["oracle"])
+
+
 def table_rows(result: DemoResult) -> list[dict[str, Any]]:
-    """One row per (family, method): per-language accuracy, mean, and the gap share on the mean."""
+    """One row per (family, method): per-language accuracy, mean, and the gap share on the mean; the
+    same for the accuracy after label-free calibration (``calibrated_*``; ``None`` where not measured)."""
     rows = []
     for family, table in result.scores.items():
-        means = {
-            method: None if any(x is None for x in v.values()) else sum(v.values()) / len(v)
-            for method, v in table.items()
-        }
+        cal_table = result.calibrated_scores.get(family, {})
+        means, cal_means = _means(table), _means(cal_table)
         for method, per_lang in table.items():
-            share = None
-            if None not in (means[method], means["task_only"], means["oracle"]):
-                share = gap_share(means[method], means["task_only"], means["oracle"])
             rows.append(
                 {
                     "family": family,
                     "method": method,
                     "scores": dict(per_lang),
                     "mean": means[method],
-                    "gap_closed": share,
+                    "gap_closed": _share(means, method),
+                    "calibrated_scores": dict(cal_table.get(method, {})),
+                    "calibrated_mean": cal_means.get(method),
+                    "calibrated_gap_closed": _share(cal_means, method),
                 }
             )
     return rows
