@@ -116,6 +116,17 @@ class AdaMergeXConfig:
             )
         },
     )
+    pad_rank: int | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "LoRA only: zero-pad the result to this rank (exact: the same update), so that every module has one "
+                "r and one lora_alpha and no rank/alpha patterns (what vLLM loads). 'vllm': the smallest rank vLLM "
+                "accepts for --max-lora-rank (1, 8, 16, 32, ...) at or above the rank the merge needs. A rank below "
+                "the needed one is an error (use lora_strategy='svd' with svd_rank to truncate instead)."
+            )
+        },
+    )
     arimerge_weights: tuple[float, float] = field(
         default=OPTION_DEFAULTS["arimerge_weights"],
         metadata={"help": "(c0, c1): weights of the task and the language module for method='arimerge'."},
@@ -166,6 +177,13 @@ class AdaMergeXConfig:
                     field="svd_rank",
                 )
             self.svd_rank = int(self.svd_rank)
+        if self.pad_rank is not None and self.pad_rank != "vllm":
+            if isinstance(self.pad_rank, bool) or not isinstance(self.pad_rank, numbers.Integral) or self.pad_rank < 1:
+                raise AdaMergeXError(
+                    f"AdaMergeXConfig.pad_rank must be a positive int, 'vllm' or None, got {self.pad_rank!r}.",
+                    field="pad_rank",
+                )
+            self.pad_rank = int(self.pad_rank)
         try:
             weights = tuple(self.arimerge_weights)
         except TypeError:
