@@ -150,3 +150,18 @@ def test_pad_rank_is_validated_and_ignored_for_ia3(caplog):
     assert "ignores: pad_rank=16 ((IA)^3 adapters have no rank)" in caplog.text
     without = merge_state_dicts(*adapters(model), cfg())
     assert all(torch.equal(with_pad.state_dict[k], without.state_dict[k]) for k in without.state_dict)
+
+
+def test_merge_crosslingual_gets_pad_rank_through_the_config():
+    model = tiny.lora_model(tiny.tiny_llama(), tiny.LLAMA_LORA)
+    model.merge_crosslingual(cfg(t=0.5), "plain")
+    model.merge_crosslingual(cfg(t=0.5, pad_rank=32), "padded")
+    assert model.peft_config["plain"].r == 12 and model.peft_config["padded"].r == 32
+    assert model.peft_config["padded"].lora_alpha == 32 and not model.peft_config["padded"].rank_pattern
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        model.set_adapter("plain")
+        plain = model(input_ids=ids).logits
+        model.set_adapter("padded")
+        padded = model(input_ids=ids).logits
+    assert torch.allclose(plain, padded, rtol=1e-6, atol=1e-6)
