@@ -1,7 +1,8 @@
 """Model cards (``README.md`` with Hub metadata) for merged adapters and exported full models.
 
 Built with ``huggingface_hub``'s model-card support (:class:`~huggingface_hub.ModelCardData` for
-the YAML header, :meth:`~huggingface_hub.ModelCard.from_template` for the file), from what the
+the YAML header, :class:`~huggingface_hub.ModelCard` for the file; no jinja2 needed, so
+``adamergex merge`` writes cards with the package's own dependencies), from what the
 output folder already holds: ``adapter_config.json`` (adapter) or ``config.json`` (full model) and
 the provenance record ``adamergex_config.json`` (settings, inputs with their sha256, library
 versions, merge report; for a full model also its ``export`` section). Optionally, the evaluation
@@ -40,7 +41,6 @@ CITATION = """@inproceedings{zhao2025adamergex,
   year      = {2025}
 }"""
 
-_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _ROLE_TITLES = {
     "task_adapter": "task adapter (T, source language)",
@@ -188,7 +188,9 @@ def build_model_card(
         repo_id,
         sweep_results,
     )
-    return ModelCard.from_template(card_data, template_str=_TEMPLATE, body=body)
+    # What ModelCard.from_template renders with a "---\n{{ card_data }}\n---\n\n{{ body }}" template,
+    # without its jinja2 requirement (huggingface_hub depends on pyyaml, not on jinja2).
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
 
 
 def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:
