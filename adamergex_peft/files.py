@@ -184,8 +184,11 @@ def merge_adapter_files(
             ``config.target_reference_adapter``. A mapping ``{lang: folder}`` merges several target
             languages in one call: the task and source reference adapters are read (and hashed)
             once, and each language is written to ``output_dir/<lang>``, published atomically on
-            its own. If one language fails, the others are still merged and written (kept), then an
-            :class:`AdaMergeXError` names the failed languages; rerun those alone.
+            its own. Every output path is checked before anything is read. If one language fails
+            with bad input, the others are still merged and written (kept), then one
+            :class:`AdaMergeXError` names the failed languages; rerun those alone. An ``OSError``
+            or an interrupt stops the run; the languages already published are kept, the one being
+            written leaves nothing.
         output_dir: folder to create; not inside an input folder, not a dangling symlink.
         config: ``t``, method, strategies, ``pad_rank``. Its three adapter fields are the folders
             when the arguments above are ``None``; given folders replace them

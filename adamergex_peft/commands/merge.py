@@ -94,7 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "one merge per language into OUTPUT/LANG, the task and source reference read once; each language is "
         "published on its own and a failing one does not stop the others (exit 2 names it, the others are kept).",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="Folder to write the merged adapter to.")
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="Folder to write the merged adapter (or model) to; with several LANG=DIR, one sub-folder per language.",
+    )
     parser.add_argument(
         "--from-config",
         metavar="FILE",
