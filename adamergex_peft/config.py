@@ -66,7 +66,8 @@ class AdaMergeXConfig:
 
     The adapter fields name adapters loaded in a ``PeftModel`` (for
     :func:`~adamergex_peft.merge_crosslingual`); for
-    :func:`~adamergex_peft.merge_adapter_files` they are replaced by the folder paths.
+    :func:`~adamergex_peft.merge_adapter_files` they are the adapter folders (folder arguments
+    given to it replace them), and ``adamergex_config.json`` records the folders used.
     """
 
     task_adapter: str = field(
