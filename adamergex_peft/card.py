@@ -1,7 +1,8 @@
 """Model cards (``README.md`` with Hub metadata) for merged adapters and exported full models.
 
 Built with ``huggingface_hub``'s model-card support (:class:`~huggingface_hub.ModelCardData` for
-the YAML header, :meth:`~huggingface_hub.ModelCard.from_template` for the file), from what the
+the YAML header, :class:`~huggingface_hub.ModelCard` for the file; no jinja2 needed, so
+``adamergex merge`` writes cards with the package's own dependencies), from what the
 output folder already holds: ``adapter_config.json`` (adapter) or ``config.json`` (full model) and
 the provenance record ``adamergex_config.json`` (settings, inputs with their sha256, library
 versions, merge report; for a full model also its ``export`` section). Optionally, the evaluation
@@ -40,7 +41,6 @@ CITATION = """@inproceedings{zhao2025adamergex,
   year      = {2025}
 }"""
 
-_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _ROLE_TITLES = {
     "task_adapter": "task adapter (T, source language)",
@@ -72,11 +72,34 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def sweep_table(sweep: dict[str, Any]) -> str:
-    """Markdown table of a sweep: one row per point (method, t, score, each task's chosen metric)."""
+def sweep_table(sweep: dict[str, Any], lang: str | None = None) -> str:
+    """Markdown table(s) of a sweep: one row per point (method, t, score, each task's chosen metric).
+
+    A sweep over several target languages (points carrying ``lang``) gives one table per language
+    (their tasks differ: ``xcopa_sw``, ``xcopa_th``...), each with its own best point; ``lang``
+    keeps that language's table only (when the sweep has it).
+    """
     points = sweep.get("points") or []
     if not points:
         return "_The sweep has no evaluated points._"
+    langs = list(dict.fromkeys(p.get("lang") for p in points))
+    if lang is not None and lang in langs:
+        langs = [lang]
+    if langs == [None]:
+        tables = [_points_table(points)]
+    else:
+        tables = []
+        for one in langs:
+            title = f"Target language `{one}`:" if one is not None else "Other points:"
+            tables.append(f"{title}\n\n" + _points_table([p for p in points if p.get("lang") == one]))
+    settings = sweep.get("settings") or {}
+    details = ", ".join(
+        f"{k}: {settings[k]}" for k in ("tasks", "num_fewshot", "limit") if settings.get(k) is not None
+    )
+    return "\n\n".join(tables) + (f"\n\nSweep settings: {details}." if details else "")
+
+
+def _points_table(points: list[dict[str, Any]]) -> str:
     tasks = sorted({task for p in points for task in p.get("chosen", {})})
     metrics = {
         task: next(p["chosen"][task]["metric"] for p in points if task in p.get("chosen", {})) for task in tasks
@@ -90,11 +113,7 @@ def sweep_table(sweep: dict[str, Any]) -> str:
         cells = [f"{p['method']}{mark}", _fmt(p.get("t")), _fmt(p.get("score"))]
         cells += [_fmt(p.get("chosen", {}).get(task, {}).get("value")) for task in tasks]
         lines.append("| " + " | ".join(cells) + " |")
-    settings = sweep.get("settings") or {}
-    details = ", ".join(
-        f"{k}: {settings[k]}" for k in ("tasks", "num_fewshot", "limit") if settings.get(k) is not None
-    )
-    return "\n".join(lines) + (f"\n\nSweep settings: {details}." if details else "")
+    return "\n".join(lines)
 
 
 def build_model_card(
@@ -169,7 +188,9 @@ def build_model_card(
         repo_id,
         sweep_results,
     )
-    return ModelCard.from_template(card_data, template_str=_TEMPLATE, body=body)
+    # What ModelCard.from_template renders with a "---\n{{ card_data }}\n---\n\n{{ body }}" template,
+    # without its jinja2 requirement (huggingface_hub depends on pyyaml, not on jinja2).
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n")
 
 
 def write_model_card(folder: str | os.PathLike, **kwargs: Any) -> Path:
@@ -216,6 +237,8 @@ def _body(folder, kind, peft_type, record, adapter_config, base_name, target, so
             settings.append(f"LoRA strategy `{config.get('lora_strategy')}`")
             if config.get("svd_rank") is not None:
                 settings.append(f"svd rank {config['svd_rank']}")
+            if config.get("pad_rank") is not None:
+                settings.append(f"zero-padded to rank {report_rank(record)} (pad_rank {config['pad_rank']!r})")
         elif peft_type == "IA3":
             settings.append(f"(IA)^3 strategy `{config.get('ia3_strategy')}`")
         lines.append("Settings: " + ", ".join(settings) + ".")
@@ -258,7 +281,7 @@ def _body(folder, kind, peft_type, record, adapter_config, base_name, target, so
             "Scores of the merge at several methods and `t` (an `adamergex sweep`):",
             "",
         ]
-        lines.append(sweep_table(sweep))
+        lines.append(sweep_table(sweep, lang=target))
     lines += [
         "",
         "## Citation",
@@ -270,6 +293,11 @@ def _body(folder, kind, peft_type, record, adapter_config, base_name, target, so
         "Made with adamergex-peft (AdaMergeX for Hugging Face PEFT). Upload with `hf upload REPO_ID FOLDER`.",
     ]
     return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def report_rank(record: dict[str, Any]) -> Any:
+    """The merged adapter's rank from the record's report (``?`` if absent)."""
+    return (record.get("report") or {}).get("rank", "?")
 
 
 def _usage(kind: str, peft_type: str, adapter_config: dict | None, base: str, repo: str) -> list[str]:
@@ -308,14 +336,18 @@ def _usage(kind: str, peft_type: str, adapter_config: dict | None, base: str, re
     if peft_type != "LORA":
         lines.append(
             "vLLM, TGI and LoRAX serve LoRA adapters only; to serve this (IA)^3 adapter, export a full model with "
-            "the update merged in (`adamergex_peft.export.export_merged_model`)."
+            "the update merged in (`adamergex merge ... --base-model BASE --into-base`, or "
+            "`adamergex_peft.export.export_merged_model`)."
         )
         return lines
     from adamergex_peft.serving import vllm_max_lora_rank, vllm_problems
 
     problems = vllm_problems(adapter_config or {})
     if problems:
-        lines.append("This adapter does not load in vLLM as is: " + "; ".join(problems) + ".")
+        lines.append(
+            "This adapter does not load in vLLM as is: " + "; ".join(problems) + ". Merge with `--pad-rank vllm` "
+            "(one rank, no patterns) or export a full model (`--into-base`)."
+        )
         return lines
     rank = vllm_max_lora_rank(adapter_config)
     lines += [

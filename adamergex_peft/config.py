@@ -66,7 +66,8 @@ class AdaMergeXConfig:
 
     The adapter fields name adapters loaded in a ``PeftModel`` (for
     :func:`~adamergex_peft.merge_crosslingual`); for
-    :func:`~adamergex_peft.merge_adapter_files` they are replaced by the folder paths.
+    :func:`~adamergex_peft.merge_adapter_files` they are the adapter folders (folder arguments
+    given to it replace them), and ``adamergex_config.json`` records the folders used.
     """
 
     task_adapter: str = field(
@@ -113,6 +114,17 @@ class AdaMergeXConfig:
             "help": (
                 "Rank of the result for lora_strategy='svd'. Default: the task adapter's rank. A rank above the "
                 "largest min(in, out) of the merged modules is capped to it (logged; larger would be zero padding)."
+            )
+        },
+    )
+    pad_rank: int | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "LoRA only: zero-pad the result to this rank (exact: the same update), so that every module has one "
+                "r and one lora_alpha and no rank/alpha patterns (what vLLM loads). 'vllm': the smallest rank vLLM "
+                "accepts for --max-lora-rank (1, 8, 16, 32, ...) at or above the rank the merge needs. A rank below "
+                "the needed one is an error (use lora_strategy='svd' with svd_rank to truncate instead)."
             )
         },
     )
@@ -166,6 +178,13 @@ class AdaMergeXConfig:
                     field="svd_rank",
                 )
             self.svd_rank = int(self.svd_rank)
+        if self.pad_rank is not None and self.pad_rank != "vllm":
+            if isinstance(self.pad_rank, bool) or not isinstance(self.pad_rank, numbers.Integral) or self.pad_rank < 1:
+                raise AdaMergeXError(
+                    f"AdaMergeXConfig.pad_rank must be a positive int, 'vllm' or None, got {self.pad_rank!r}.",
+                    field="pad_rank",
+                )
+            self.pad_rank = int(self.pad_rank)
         try:
             weights = tuple(self.arimerge_weights)
         except TypeError:

@@ -388,6 +388,8 @@ def export_merged_model(
     *,
     dtype=None,
     overwrite: bool = False,
+    record: dict | None = None,
+    model_card: dict | None = None,
 ) -> Path:
     """Write ``base + merged adapter`` as a plain transformers model folder, shard by shard.
 
@@ -405,6 +407,11 @@ def export_merged_model(
             ``"float16"``...); default: each tensor's dtype in the base. The update is computed in
             float32 from the base tensor and rounded once.
         overwrite: replace an existing ``output_dir``.
+        record: the provenance record to carry into ``adamergex_config.json`` (default: the one in
+            the adapter folder, if ``merged`` is one; :func:`~adamergex_peft.merge_adapter_files`
+            passes the record of its in-memory merge).
+        model_card: keyword arguments of :func:`adamergex_peft.card.build_model_card` to write
+            ``README.md`` inside the folder before it is published (``None``: no card).
 
     Returns:
         ``output_dir`` as a :class:`~pathlib.Path`.
@@ -429,7 +436,8 @@ def export_merged_model(
     out_resolved, base_resolved = output_dir.resolve(), base_dir.resolve()
     if out_resolved == base_resolved or out_resolved in base_resolved.parents or base_resolved in out_resolved.parents:
         raise AdaMergeXError(f"output folder {str(output_dir)!r} overlaps the base model folder {str(base_dir)!r}.")
-    peft_config, state_dict, name, record = _load_merged(merged)
+    peft_config, state_dict, name, folder_record = _load_merged(merged)
+    record = record if record is not None else folder_record
     weight_map, index = _shard_map(base_dir)
     updates = _plan(peft_config, state_dict, name, weight_map, base_dir)
 
@@ -451,6 +459,10 @@ def export_merged_model(
         }
         full_record = {**(record or {}), "export": export_record}
         (tmp / CONFIG_NAME).write_text(json.dumps(full_record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if model_card is not None:  # part of the folder's content: published with it or not at all
+            from adamergex_peft.card import write_model_card
+
+            write_model_card(tmp, **{"repo_id": str(output_dir), **model_card})
 
     # The same publisher as adapter outputs: temporary folder, create-if-absent rename (or a
     # recoverable swap with ``overwrite``); nothing is left behind on failure.

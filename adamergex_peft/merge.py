@@ -273,6 +273,13 @@ def merge_state_dicts(
     overlap the task adapter's at all, or (unless ``allow_different_base_models`` / the config field
     of that name is true, which only logs a warning) a different non-empty ``base_model_name_or_path``.
 
+    ``pad_rank`` (LoRA) zero-pads the factors of every module to that rank (``'vllm'``: vLLM's next
+    allowed ``--max-lora-rank`` at or above the needed rank): ``B' A' = B A`` exactly, with one ``r``
+    and one ``lora_alpha`` (``alpha = r`` for the stacked/svd representations, whose scaling is 1;
+    ``alpha = s * r`` for factor-level ones, keeping their common scaling ``s``). ``report`` has
+    ``rank`` (the output's) and ``needed_rank`` (before padding). A ``pad_rank`` below the needed
+    rank is refused (truncate with ``lora_strategy='svd'`` instead); (IA)^3 ignores it (logged).
+
     ``svd_rank`` larger than the largest ``min(in, out)`` of the merged modules is capped to it (a
     larger rank would only add zero padding); the cap is logged and recorded in ``report``.
 
@@ -375,6 +382,8 @@ def _warn_ignored_settings(config: AdaMergeXConfig, method: MergeMethod, peft_ty
             ignored.append(f"{option}={value!r} (method {method.name!r} {why})")
         elif option == "svd_rank" and config.lora_strategy != "svd":
             ignored.append(f"svd_rank={value!r} (lora_strategy is not 'svd')")
+    if config.pad_rank is not None and kind != "LORA":
+        ignored.append(f"pad_rank={config.pad_rank!r} ((IA)^3 adapters have no rank)")
     if ignored:
         logger.warning("AdaMergeX %s merge ignores: %s", config.method, ", ".join(ignored))
 
@@ -421,6 +430,9 @@ def _merge_lora(used, weights, config, method: MergeMethod, device, dtype) -> Me
     else:  # stacked: the largest sum of ranks; modules trained by fewer adapters are zero-padded
         out_rank = max(sum(parsed[r][m].rank for r in parsed if m in parsed[r]) for m in modules)
 
+    needed_rank = out_rank
+    padded_rank = _padded_rank(config, needed_rank)
+
     state_dict: dict[str, torch.Tensor] = {}
     kept: dict[str, float] = {}
     for module in modules:
@@ -438,12 +450,17 @@ def _merge_lora(used, weights, config, method: MergeMethod, device, dtype) -> Me
             raise _module_error(module, _not_finite_message(config, a.dtype), used)
         if kept_share is not None:
             kept[module_target_name(module)] = kept_share
+        if padded_rank != a.shape[0]:  # zero rows of A / columns of B: B' A' = B A exactly
+            from adamergex_peft.serving import pad_lora_rank
+
+            a, b = pad_lora_rank(a, b, padded_rank)
         state_dict[module + LORA_SUFFIXES[0]] = a.contiguous()
         state_dict[module + LORA_SUFFIXES[1]] = b.contiguous()
 
+    out_rank = padded_rank
     if representation == "uniform":
-        rank, scaling = uniform
-        alpha, use_rslora = scaling * rank, False
+        _, scaling = uniform
+        alpha, use_rslora = scaling * out_rank, False  # the common scaling, kept at the (padded) rank
     else:
         alpha, use_rslora = float(out_rank), False  # scaling 1: the scalings are folded into A
     if float(alpha).is_integer():
@@ -462,7 +479,12 @@ def _merge_lora(used, weights, config, method: MergeMethod, device, dtype) -> Me
         init_lora_weights=True,
         inference_mode=True,
     )
-    report: dict[str, Any] = {"peft_type": "LORA", "rank": out_rank, "modules": len(modules)}
+    report: dict[str, Any] = {
+        "peft_type": "LORA",
+        "rank": out_rank,
+        "needed_rank": needed_rank,
+        "modules": len(modules),
+    }
     if capped is not None:
         report["svd_rank_requested"] = capped
     if kept:
@@ -470,11 +492,40 @@ def _merge_lora(used, weights, config, method: MergeMethod, device, dtype) -> Me
         report["svd_kept_energy_min"] = min(kept.values())
         logger.info(
             "svd merge to rank %d keeps %.4f of the update's energy (worst module; mean %.4f)",
-            out_rank,
+            needed_rank,
             min(kept.values()),
             sum(kept.values()) / len(kept),
         )
     return MergeResult(peft_config, state_dict, report)
+
+
+def _padded_rank(config: AdaMergeXConfig, needed: int) -> int:
+    """The rank of the output: ``needed``, or ``config.pad_rank`` (``'vllm'``: vLLM's next allowed rank).
+
+    Raises:
+        AdaMergeXError: ``pad_rank`` below ``needed`` (suggests an svd merge to that rank instead), or
+            ``'vllm'`` with a needed rank above vLLM's largest ``--max-lora-rank``.
+    """
+    from adamergex_peft.serving import VLLM_MAX_LORA_RANKS, vllm_padded_rank
+
+    if config.pad_rank is None:
+        return needed
+    if config.pad_rank == "vllm":
+        if needed > VLLM_MAX_LORA_RANKS[-1]:
+            raise AdaMergeXError(
+                f"pad_rank='vllm': this merge needs rank {needed}, above vLLM's largest --max-lora-rank "
+                f"{VLLM_MAX_LORA_RANKS[-1]}; use --lora-strategy svd --svd-rank {VLLM_MAX_LORA_RANKS[-1]} to truncate.",
+                field="pad_rank",
+            )
+        return vllm_padded_rank(needed)
+    if config.pad_rank < needed:
+        raise AdaMergeXError(
+            f"pad_rank={config.pad_rank} is below the rank {needed} this merge needs (method {config.method!r}, "
+            f"lora_strategy {config.lora_strategy!r}); padding cannot lower a rank: use --lora-strategy svd "
+            f"--svd-rank {config.pad_rank} (lora_strategy='svd', svd_rank={config.pad_rank}) to truncate instead.",
+            field="pad_rank",
+        )
+    return config.pad_rank
 
 
 def _uniform_rank_and_scaling(parsed, used, config, method: MergeMethod) -> tuple[int, float]:

@@ -124,3 +124,38 @@ def test_sweep_table_without_points_and_bad_folder(tmp_path):
     with pytest.raises(AdaMergeXError, match="neither adapter_config.json nor config.json"):
         build_model_card(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_multi_language_sweep_gets_one_table_per_language(tmp_path):
+    def point(lang, method, t, score):
+        task = f"xcopa_{lang}"
+        return {
+            "lang": lang,
+            "method": method,
+            "t": t,
+            "score": score,
+            "chosen": {task: {"metric": "acc", "value": score}},
+        }
+
+    sweep = {
+        "settings": {"tasks": ["xcopa_{lang}"]},
+        "points": [point("sw", "task_only", None, 0.5), point("sw", "adamergex", 1.0, 0.6)]
+        + [point("th", "task_only", None, 0.7), point("th", "adamergex", 1.0, 0.55)],
+    }
+    both = sweep_table(sweep)
+    assert "Target language `sw`:" in both and "Target language `th`:" in both
+    assert "| method | t | score | xcopa_sw (acc) |" in both and "| method | t | score | xcopa_th (acc) |" in both
+    assert "xcopa_th (acc) | xcopa_sw" not in both  # no shared table with empty cells
+    # the best is per language
+    assert "| adamergex **(best)** | 1.0000 | 0.6000 | 0.6000 |" in both
+    assert "| task_only **(best)** |  | 0.7000 | 0.7000 |" in both
+    only_th = sweep_table(sweep, lang="th")
+    assert "xcopa_sw" not in only_th and "Target language `th`:" in only_th
+    assert sweep_table(sweep, lang="vi") == both  # a language the sweep does not have: every table
+
+    # the card of the sw adapter shows the sw table
+    out, _ = merged_folder(tmp_path, "lora")
+    (tmp_path / "sweep_results.json").write_text(json.dumps(sweep))
+    write_model_card(out, target_language="sw", sweep_results=tmp_path / "sweep_results.json")
+    body = ModelCard.load(out / "README.md").text
+    assert "xcopa_sw (acc)" in body and "xcopa_th" not in body

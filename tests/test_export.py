@@ -394,3 +394,55 @@ def test_pad_lora_rank_is_exact():
     assert torch.allclose((pb.double() @ pa.double()), b.double() @ a.double(), rtol=0, atol=1e-12)
     with pytest.raises(AdaMergeXError, match="--lora-strategy svd --svd-rank 4"):
         pad_lora_rank(a, b, 4)
+
+
+# --------------------------------------------------------------------------- from the CLI / the API
+@pytest.mark.parametrize(("kind", "arch"), [("lora", "llama"), ("ia3", "gpt2")])
+def test_cli_into_base_equals_in_memory_merge(kind, arch, tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    from adamergex_peft.cli import main
+
+    base_dir, model, _ = build(kind, arch, tmp_path)
+    model.save_pretrained(tmp_path / "adapters")
+    dirs = {n: str(tmp_path / "adapters" / n) for n in (T, RS, RG)}
+    out = tmp_path / "full"
+    argv = ["merge", "--task-adapter", dirs[T], "--source-reference", dirs[RS], "--target-reference", dirs[RG]]
+    argv += ["--base-model", str(base_dir), "--into-base", "--output", str(out), "--t", "0.7"]
+    argv += ["--target-language", "sw", "--source-language", "en"]
+    assert main(argv) == 0
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    assert listing(out) == sorted({*listing(base_dir), "adamergex_config.json", "README.md"})
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = exported(input_ids=TOKENS).logits
+    reference = in_memory_logits(model, cfg(0.7))
+    assert torch.allclose(logits, reference, rtol=1e-5, atol=1e-5), float((logits - reference).abs().max())
+
+    record = json.loads((out / "adamergex_config.json").read_text())  # the in-memory merge's provenance
+    assert record["config"]["t"] == 0.7 and record["config"]["task_adapter"] == dirs[T]
+    digest = hashlib.sha256((tmp_path / "adapters" / RG / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert record["inputs"]["target_reference_adapter"]["weights_sha256"] == digest
+    assert record["export"]["peft_type"] == kind.upper() and record["output"]["into_base"] is True
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.language == ["en", "sw"]
+    assert kind in card.data.tags and digest in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in card.text
+
+    # the Python API: the same folder (bf16 here), and the bad combinations are refused up front
+    api = merge_adapter_files(
+        dirs[T], dirs[RS], dirs[RG], tmp_path / "api", cfg(0.7), base_model=base_dir, into_base=True, dtype="bfloat16"
+    )
+    written, reference_sd = read_checkpoint(api), read_checkpoint(out)
+    assert all(v.dtype == torch.bfloat16 for v in written.values())
+    assert written.keys() == reference_sd.keys()
+    for key, value in written.items():  # one rounding of the float32 result
+        assert torch.allclose(value.double(), reference_sd[key].double(), rtol=2**-8, atol=0), key
+    assert json.loads((api / "config.json").read_text())["dtype"] == "bfloat16"
+    before = listing(tmp_path)
+    with pytest.raises(AdaMergeXError, match="into_base .* needs base_model"):
+        merge_adapter_files(dirs[T], dirs[RS], dirs[RG], tmp_path / "x", into_base=True)
+    with pytest.raises(AdaMergeXError, match="dtype .* applies to a full-model export only"):
+        merge_adapter_files(dirs[T], dirs[RS], dirs[RG], tmp_path / "x", dtype="float16")
+    assert listing(tmp_path) == before
