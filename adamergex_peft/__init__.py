@@ -34,6 +34,7 @@ _LAZY: dict[str, str] = {
     "BaseMergeHandle": "adamergex_peft.model",
     "load_adapter_folder": "adamergex_peft.files",
     "merge_adapter_files": "adamergex_peft.files",
+    "merge_from_record": "adamergex_peft.files",
     "METHODS": "adamergex_peft.methods",
     "MergeMethod": "adamergex_peft.methods",
     "register_method": "adamergex_peft.methods",
@@ -50,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover (re-exports for type checkers)
     from adamergex_peft.config import AdaMergeXConfig  # noqa: F401
     from adamergex_peft.errors import AdaMergeXError  # noqa: F401
     from adamergex_peft.export import export_merged_model  # noqa: F401
-    from adamergex_peft.files import load_adapter_folder, merge_adapter_files  # noqa: F401
+    from adamergex_peft.files import load_adapter_folder, merge_adapter_files, merge_from_record  # noqa: F401
     from adamergex_peft.merge import AdapterWeights, MergeResult, merge_state_dicts  # noqa: F401
     from adamergex_peft.methods import METHODS, MergeMethod, register_method  # noqa: F401
     from adamergex_peft.model import BaseMergeHandle, merge_crosslingual, merge_crosslingual_into_base  # noqa: F401
