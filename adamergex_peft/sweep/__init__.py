@@ -1,0 +1,82 @@
+"""Choose ``t``: merge at several values, evaluate each through lm-evaluation-harness, keep the best."""
+
+from adamergex_peft.sweep.run import (
+    ADAPTER_NAMES,
+    DEFAULT_LABEL_FREE_RULE,
+    HEATMAP_PNG,
+    LABEL_FREE_RULES,
+    LANG_PLACEHOLDER,
+    PLOT_PNG,
+    PREFERRED_METRICS,
+    REFERENCE_JSON,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    SELECT_CHOICES,
+    SHARDS_DIR,
+    TABLE_CSV,
+    TABLE_MD,
+    TIE_TOLERANCE,
+    LabelFreeRule,
+    SweepPoint,
+    SweepResults,
+    calibrated_metrics,
+    choice_logliks,
+    distributed_env,
+    evaluate_points,
+    label_free_statistics,
+    load_sweep_model,
+    make_evaluator,
+    parse_target_references,
+    plan_points,
+    pooled_distribution,
+    run_sweep,
+    summarize_lm_eval,
+    summarize_samples,
+    target_adapter_name,
+    tasks_for_lang,
+)
+
+__all__ = [
+    "ADAPTER_NAMES",
+    "DEFAULT_LABEL_FREE_RULE",
+    "HEATMAP_PNG",
+    "LABEL_FREE_RULES",
+    "LANG_PLACEHOLDER",
+    "PLOT_PNG",
+    "PREFERRED_METRICS",
+    "REFERENCE_JSON",
+    "RESULTS_CSV",
+    "RESULTS_JSON",
+    "SELECT_CHOICES",
+    "SHARDS_DIR",
+    "TABLE_CSV",
+    "TABLE_MD",
+    "TIE_TOLERANCE",
+    "LabelFreeRule",
+    "SweepPoint",
+    "SweepResults",
+    "calibrated_metrics",
+    "choice_logliks",
+    "distributed_env",
+    "evaluate_points",
+    "label_free_statistics",
+    "load_sweep_model",
+    "make_evaluator",
+    "parse_target_references",
+    "plan_points",
+    "pooled_distribution",
+    "run_sweep",
+    "summarize_lm_eval",
+    "summarize_samples",
+    "target_adapter_name",
+    "tasks_for_lang",
+    "T_FREE_METHODS",
+]
+
+
+def __getattr__(name: str):
+    if name == "T_FREE_METHODS":  # deprecated: read ``METHODS[m].uses_t``
+        from adamergex_peft.methods import METHODS
+
+        return frozenset(m for m, method in METHODS.items() if not method.uses_t)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
