@@ -30,7 +30,7 @@ def distributed_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _rank_device(device: str | None, local_rank: int) -> str | None:
+def rank_device(device: str | None, local_rank: int) -> str | None:
     """Each rank's own accelerator: ``cuda:LOCAL_RANK`` for ``None`` (when CUDA is there) or ``"cuda"``."""
     import torch
 
@@ -41,7 +41,7 @@ def _rank_device(device: str | None, local_rank: int) -> str | None:
     return device
 
 
-def _reference(output_dir: Path, rank: int, world: int, poll_interval: float, compute) -> dict[str, Any]:
+def shared_reference(output_dir: Path, rank: int, world: int, poll_interval: float, compute) -> dict[str, Any]:
     """The reference distribution: computed on rank 0 (written to the shards folder), read by the others."""
     path = output_dir / SHARDS_DIR / REFERENCE_JSON
     if path.is_file():
@@ -58,7 +58,7 @@ def _reference(output_dir: Path, rank: int, world: int, poll_interval: float, co
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _barrier() -> None:
+def barrier() -> None:
     """A ``torch.distributed`` barrier when a process group is initialised (else nothing)."""
     import torch.distributed as dist
 
@@ -78,7 +78,7 @@ def _load_shards(output_dir: Path, settings: dict[str, Any]) -> list[SweepResult
     return shards
 
 
-def _gather(output_dir, settings, main: SweepResults, points, select, rule) -> SweepResults:
+def gather_results(output_dir, settings, main: SweepResults, points, select, rule) -> SweepResults:
     """``main``'s points, then the shard files' points not in it (in plan order): one record."""
     shards = _load_shards(output_dir, settings)
     merged = SweepResults(
@@ -98,11 +98,11 @@ def _gather(output_dir, settings, main: SweepResults, points, select, rule) -> S
     return merged
 
 
-def _wait_and_gather(output_dir, settings, main, points, select, rule, poll_interval) -> SweepResults:
+def wait_and_gather(output_dir, settings, main, points, select, rule, poll_interval) -> SweepResults:
     """Rank 0: wait until every planned cell is in some shard file, then write the gathered outputs."""
     last_log = 0.0
     while True:
-        merged = _gather(output_dir, settings, main, points, select, rule)
+        merged = gather_results(output_dir, settings, main, points, select, rule)
         missing = [p.key for p in points if p.key not in merged.done()]
         if not missing:
             break

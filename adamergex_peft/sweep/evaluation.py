@@ -187,7 +187,7 @@ def pooled_distribution(label_free: Mapping[str, Any]) -> dict[str, Any]:
     return {"distribution": [s / total for s in shares], "n": n}
 
 
-def _task_manager(include_path, include_defaults, tasks: Sequence[str]):
+def shared_task_manager(include_path, include_defaults, tasks: Sequence[str]):
     """One lm-eval task index for every language's evaluator (as :func:`make_evaluator` would build)."""
     from lm_eval.tasks import TaskManager
 
@@ -249,7 +249,7 @@ def make_evaluator(
     if not tasks:
         raise ValueError("give at least one lm-eval task")
     if task_manager is None:
-        task_manager = _task_manager(include_path, include_defaults, tasks)
+        task_manager = shared_task_manager(include_path, include_defaults, tasks)
     loaded = _load_tasks(task_manager, tasks, gen_kwargs=gen_kwargs, num_fewshot=num_fewshot, seed=seed)
 
     lm_class = SelectiveLogitsHFLM if progress else _quiet_hflm_class()

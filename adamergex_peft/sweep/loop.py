@@ -59,7 +59,7 @@ def load_sweep_model(
     return model, tokenizer
 
 
-def _merged_evaluation(peft_model, cfg: AdaMergeXConfig, evaluate: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+def merged_evaluation(peft_model, cfg: AdaMergeXConfig, evaluate: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """Merge ``cfg`` into the base weights, evaluate the base with the adapters disabled, undo."""
     from adamergex_peft import merge_crosslingual_into_base
 
@@ -121,7 +121,7 @@ def evaluate_points(
         if target_adapters is not None and point.lang in target_adapters:
             cfg = dataclasses.replace(cfg, target_reference_adapter=target_adapters[point.lang])
         evaluator = evaluate[point.lang] if isinstance(evaluate, Mapping) else evaluate
-        summary = _merged_evaluation(peft_model, cfg, evaluator)
+        summary = merged_evaluation(peft_model, cfg, evaluator)
         record = {"key": point.key, "method": point.method, "t": point.t}
         if point.lang is not None:
             record["lang"] = point.lang

@@ -97,5 +97,5 @@ def tasks_for_lang(tasks: Sequence[str], lang: str | None) -> list[str]:
     return [t.replace(LANG_PLACEHOLDER, lang) for t in tasks]
 
 
-def _lang_label(lang: str | None) -> str:
+def lang_label(lang: str | None) -> str:
     return "target" if lang is None else lang

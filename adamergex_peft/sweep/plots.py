@@ -9,8 +9,8 @@ import io
 import math
 from typing import TYPE_CHECKING
 
-from adamergex_peft.sweep.plan import _lang_label
-from adamergex_peft.sweep.selection import _finite, _first_best
+from adamergex_peft.sweep.plan import lang_label
+from adamergex_peft.sweep.selection import first_best, is_finite_number
 
 if TYPE_CHECKING:
     from adamergex_peft.sweep.results import SweepResults
@@ -22,7 +22,7 @@ def plot_png(results: SweepResults) -> bytes:
     from matplotlib.figure import Figure
 
     panels = [("score", "score")]
-    if any(_finite(p.get("calibrated_score")) for p in results.points):
+    if any(is_finite_number(p.get("calibrated_score")) for p in results.points):
         panels.append(("calibrated_score", "calibrated score (acc_calibrated)"))
     fig = Figure(figsize=(6 * len(panels), 4), dpi=100)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -50,10 +50,10 @@ def _plot_lines(ax, results: SweepResults, measure: str, multi: bool) -> None:
         label = f"{lang} {method}" if multi else method
         if pts[0]["t"] is None:
             value = pts[0].get(measure)
-            if _finite(value):
+            if is_finite_number(value):
                 ax.hlines(value, min(ts), max(ts), linestyles="dashed", label=label, colors=f"C{index % 10}")
             continue
-        pts = sorted((p for p in pts if _finite(p.get(measure))), key=lambda p: p["t"])
+        pts = sorted((p for p in pts if is_finite_number(p.get(measure))), key=lambda p: p["t"])
         if pts:
             ax.plot(
                 [p["t"] for p in pts],
@@ -66,11 +66,11 @@ def _plot_lines(ax, results: SweepResults, measure: str, multi: bool) -> None:
 
 def _mark_picks(ax, results: SweepResults, measure: str) -> None:
     """One language: a star on the best point of ``measure``, a diamond on the label-free pick."""
-    best = results.best() if measure == "score" else _first_best(results.points, lambda p: p.get(measure), True)
-    if best is not None and best["t"] is not None and _finite(best.get(measure)):
+    best = results.best() if measure == "score" else first_best(results.points, lambda p: p.get(measure), True)
+    if best is not None and best["t"] is not None and is_finite_number(best.get(measure)):
         ax.plot([best["t"]], [best[measure]], marker="*", markersize=14, color="gold", zorder=5, label="best")
     picked = results.best_label_free()
-    if picked is not None and picked["t"] is not None and _finite(picked.get(measure)):
+    if picked is not None and picked["t"] is not None and is_finite_number(picked.get(measure)):
         ax.plot(
             [picked["t"]],
             [picked[measure]],
@@ -89,12 +89,14 @@ def heatmap_png(results: SweepResults) -> bytes:
 
     columns, langs = results.columns(), results.langs()
     grid = results._grid(lambda p: p.get("score"))
-    values = [[grid[lang].get(c) if _finite(grid[lang].get(c)) else math.nan for c in columns] for lang in langs]
+    values = [
+        [grid[lang].get(c) if is_finite_number(grid[lang].get(c)) else math.nan for c in columns] for lang in langs
+    ]
     fig = Figure(figsize=(max(4.0, 0.9 * len(columns) + 2), max(2.5, 0.5 * len(langs) + 1.5)), dpi=100)
     ax = fig.subplots()
     image = ax.imshow(values, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(columns)), labels=columns, rotation=45, ha="right", fontsize="small")
-    ax.set_yticks(range(len(langs)), labels=[_lang_label(lang) for lang in langs])
+    ax.set_yticks(range(len(langs)), labels=[lang_label(lang) for lang in langs])
     finite = [v for row in values for v in row if math.isfinite(v)]
     middle = (min(finite) + max(finite)) / 2 if finite else 0.0
     for i, row in enumerate(values):

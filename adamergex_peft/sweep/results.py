@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from adamergex_peft.atomic import atomic_write_bytes, atomic_write_text
-from adamergex_peft.sweep.plan import SweepPoint, _lang_label
+from adamergex_peft.sweep.plan import SweepPoint, lang_label
 from adamergex_peft.sweep.plots import heatmap_png as _heatmap_png
 from adamergex_peft.sweep.plots import plot_png as _plot_png
 from adamergex_peft.sweep.selection import (
-    _ALL,
+    ALL_LANGS,
     DEFAULT_LABEL_FREE_RULE,
     LABEL_FREE_RULES,
     SELECT_CHOICES,
-    _finite,
-    _first_best,
-    _label_free_value,
+    first_best,
+    is_finite_number,
+    label_free_value,
 )
 
 RESULTS_JSON = "sweep_results.json"
@@ -66,7 +66,7 @@ class SweepResults:
         return list(dict.fromkeys(SweepPoint(p["method"], p["t"]).column for p in self.points))
 
     def _of_lang(self, lang: Any) -> list[dict[str, Any]]:
-        return list(self.points) if lang is _ALL else [p for p in self.points if p.get("lang") == lang]
+        return list(self.points) if lang is ALL_LANGS else [p for p in self.points if p.get("lang") == lang]
 
     def _best_column(self, value: Callable[[dict], Any], higher: bool, name: str) -> dict[str, Any] | None:
         """Several languages: the (method, t) with the best mean ``value`` over the languages that all have it."""
@@ -79,7 +79,7 @@ class SweepResults:
             example.setdefault(column, p)
         rows = []
         for column, values in by_column.items():
-            if all(_finite(values.get(lang)) for lang in langs):
+            if all(is_finite_number(values.get(lang)) for lang in langs):
                 mean = sum(values[lang] for lang in langs) / len(langs)
                 rows.append(
                     {
@@ -91,31 +91,31 @@ class SweepResults:
                         "per_lang": {str(lang): values[lang] for lang in langs},
                     }
                 )
-        return _first_best(rows, lambda r: r[name], higher)
+        return first_best(rows, lambda r: r[name], higher)
 
-    def best(self, lang: Any = _ALL) -> dict[str, Any] | None:
+    def best(self, lang: Any = ALL_LANGS) -> dict[str, Any] | None:
         """The point with the highest score (the first one on ties), or ``None``.
 
         With several languages and no ``lang``: the (method, t) with the highest mean score over
         the languages (``{"key", "method", "t", "score", "per_lang"}``).
         """
-        if lang is _ALL and len(self.langs()) > 1:
+        if lang is ALL_LANGS and len(self.langs()) > 1:
             return self._best_column(lambda p: p.get("score"), True, "score")
-        return _first_best(self._of_lang(lang), lambda p: p.get("score"), True)
+        return first_best(self._of_lang(lang), lambda p: p.get("score"), True)
 
-    def best_label_free(self, lang: Any = _ALL, rule: str | None = None) -> dict[str, Any] | None:
+    def best_label_free(self, lang: Any = ALL_LANGS, rule: str | None = None) -> dict[str, Any] | None:
         """The point a label-free rule picks (:data:`LABEL_FREE_RULES`; ties: the first), or ``None``.
 
         Reads only the points' ``label_free`` statistics, never a score or label. With several
         languages and no ``lang``: the (method, t) with the best mean statistic over the languages.
         """
         spec = LABEL_FREE_RULES[rule or self.label_free_rule]
-        value = _label_free_value(spec.statistic)
-        if lang is _ALL and len(self.langs()) > 1:
+        value = label_free_value(spec.statistic)
+        if lang is ALL_LANGS and len(self.langs()) > 1:
             return self._best_column(value, spec.higher_is_better, spec.statistic)
-        return _first_best(self._of_lang(lang), value, spec.higher_is_better)
+        return first_best(self._of_lang(lang), value, spec.higher_is_better)
 
-    def selected(self, lang: Any = _ALL) -> dict[str, Any] | None:
+    def selected(self, lang: Any = ALL_LANGS) -> dict[str, Any] | None:
         """:meth:`best` or :meth:`best_label_free`, as ``select`` says."""
         return self.best(lang) if self.select == "labelled" else self.best_label_free(lang)
 
@@ -177,11 +177,11 @@ class SweepResults:
 
     def _measures(self) -> list[tuple[str, Callable[[dict], Any]]]:
         measures: list[tuple[str, Callable[[dict], Any]]] = [("score", lambda p: p.get("score"))]
-        if any(_finite(p.get("calibrated_score")) for p in self.points):
+        if any(is_finite_number(p.get("calibrated_score")) for p in self.points):
             measures.append(("calibrated_score", lambda p: p.get("calibrated_score")))
         for stat in ("tv", "entropy", "calibrated_confidence"):
-            if any(_finite(_label_free_value(stat)(p)) for p in self.points):
-                measures.append((stat, _label_free_value(stat)))
+            if any(is_finite_number(label_free_value(stat)(p)) for p in self.points):
+                measures.append((stat, label_free_value(stat)))
         return measures
 
     def _grid(self, value: Callable[[dict], Any]) -> dict[Any, dict[str, Any]]:
@@ -199,7 +199,7 @@ class SweepResults:
         for name, value in self._measures():
             grid = self._grid(value)
             for lang in self.langs():
-                writer.writerow([_lang_label(lang), name, *(_blank(grid[lang].get(c)) for c in columns)])
+                writer.writerow([lang_label(lang), name, *(_blank(grid[lang].get(c)) for c in columns)])
         return buffer.getvalue()
 
     def table_md(self) -> str:
@@ -229,7 +229,7 @@ class SweepResults:
                     ):
                         text += " †"
                     cells.append(text)
-                lines.append(f"| {_lang_label(lang)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {lang_label(lang)} | " + " | ".join(cells) + " |")
             lines.append("")
         lines.append(
             f"Bold: the best score per language (labelled). †: the label-free pick ({self.label_free_rule}: "

@@ -13,15 +13,15 @@ from typing import Any
 from adamergex_peft.config import AdaMergeXConfig
 from adamergex_peft.sweep.distributed import (
     SHARDS_DIR,
-    _barrier,
-    _gather,
-    _rank_device,
-    _reference,
-    _wait_and_gather,
+    barrier,
     distributed_env,
+    gather_results,
+    rank_device,
+    shared_reference,
+    wait_and_gather,
 )
-from adamergex_peft.sweep.evaluation import _task_manager, make_evaluator, pooled_distribution
-from adamergex_peft.sweep.loop import _merged_evaluation, evaluate_points, load_sweep_model, target_adapter_name
+from adamergex_peft.sweep.evaluation import make_evaluator, pooled_distribution, shared_task_manager
+from adamergex_peft.sweep.loop import evaluate_points, load_sweep_model, merged_evaluation, target_adapter_name
 from adamergex_peft.sweep.plan import (
     LANG_PLACEHOLDER,
     SweepPoint,
@@ -117,7 +117,7 @@ def run_sweep(
     )
     rank, world, local_rank = _rank_and_world(rank, world_size)
     main = _load_or_start_results(output_dir, settings)
-    merged = _gather(output_dir, settings, main, points, select, label_free_rule)
+    merged = gather_results(output_dir, settings, main, points, select, label_free_rule)
     todo = [p for i, p in enumerate(points) if i % world == rank and p.key not in merged.done()]
     need_reference = reference_task is not None and merged.reference is None and rank == 0
     all_done = not any(p.key not in merged.done() for p in points)
@@ -128,33 +128,31 @@ def run_sweep(
     shard = None
     if not all_done and (todo or need_reference):
         if world > 1:
-            device = _rank_device(device, local_rank)
+            device = rank_device(device, local_rank)
         peft_model, tokenizer = load_sweep_model(
             base_model, task_adapter, source_reference, refs, dtype=dtype, device=device
         )
         target_adapters = {lang: target_adapter_name(lang) for lang in (langs or [None])}
         base_config = dataclasses.replace(base_config, target_reference_adapter=next(iter(target_adapters.values())))
-        all_tasks = [t for names in lang_tasks.values() for t in names]
-        common = {
-            "include_path": include_path,
-            "include_defaults": include_defaults,
-            "limit": limit,
-            "num_fewshot": num_fewshot,
-            "batch_size": batch_size,
-            "metric": metric,
-            "seed": seed,
-            "task_manager": _task_manager(include_path, include_defaults, all_tasks),
-        }
-        reference = merged.reference
-        if reference_task is not None and reference is None:
-            reference = _reference(
+        common = _evaluator_settings(
+            lang_tasks,
+            include_path=include_path,
+            include_defaults=include_defaults,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            metric=metric,
+            seed=seed,
+        )
+        if reference_task is not None and merged.reference is None:
+            merged.reference = shared_reference(
                 output_dir,
                 rank,
                 world,
                 poll_interval,
                 lambda: _evaluate_reference(peft_model, tokenizer, base_config, reference_task, common),
             )
-            merged.reference = reference
+        reference = merged.reference
         evaluators = _evaluators(tokenizer, lang_tasks, todo, label_free, reference, common)
         loop = {
             "base_config": base_config,
@@ -168,10 +166,10 @@ def run_sweep(
         evaluate_points(
             peft_model, todo, evaluators, shard, output_dir, save=lambda res: res.save_shard(shard_path), **loop
         )
-    _barrier()  # every rank exactly once (when a torch.distributed process group is initialised)
+    barrier()  # every rank exactly once (when a torch.distributed process group is initialised)
     if rank != 0:
         return shard if shard is not None else merged
-    return _wait_and_gather(output_dir, settings, main, points, select, label_free_rule, poll_interval)
+    return wait_and_gather(output_dir, settings, main, points, select, label_free_rule, poll_interval)
 
 
 def _check_selection(select: str, label_free_rule: str, reference_task: str | None, label_free: bool) -> None:
@@ -200,6 +198,13 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int,
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
     return rank, world, local_rank
+
+
+def _evaluator_settings(lang_tasks: Mapping[str | None, Sequence[str]], **settings: Any) -> dict[str, Any]:
+    """The :func:`make_evaluator` arguments every language shares, with one lm-eval task index for all their tasks."""
+    all_tasks = [t for names in lang_tasks.values() for t in names]
+    task_manager = shared_task_manager(settings["include_path"], settings["include_defaults"], all_tasks)
+    return {**settings, "task_manager": task_manager}
 
 
 def _evaluators(tokenizer, lang_tasks, todo: Sequence[SweepPoint], label_free: bool, reference, common):
@@ -232,9 +237,9 @@ def _evaluate_reference(peft_model, tokenizer, base_config, reference_task: str,
     """The task adapter's (``task_only``) predicted shares on the reference task (no labels read)."""
     manager = common["task_manager"]
     if reference_task not in manager.all_tasks:
-        manager = _task_manager(common["include_path"], common["include_defaults"], [reference_task])
+        manager = shared_task_manager(common["include_path"], common["include_defaults"], [reference_task])
     evaluate = make_evaluator(tokenizer, [reference_task], label_free=True, **{**common, "task_manager": manager})
-    summary = _merged_evaluation(peft_model, dataclasses.replace(base_config, method="task_only", t=1.0), evaluate)
+    summary = merged_evaluation(peft_model, dataclasses.replace(base_config, method="task_only", t=1.0), evaluate)
     pooled = pooled_distribution(summary["label_free"])
     logger.info("reference distribution (task adapter on %s): %s", reference_task, pooled["distribution"])
     return {"task": reference_task, **pooled}
