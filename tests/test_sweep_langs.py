@@ -102,7 +102,7 @@ def test_parse_target_references_and_tasks():
 
 
 def test_several_languages_one_load(ml_setup, tmp_path, monkeypatch):
-    import adamergex_peft.sweep as sweep_module
+    import adamergex_peft.sweep.run as sweep_module  # run_sweep looks load_sweep_model up there
 
     root, out = ml_setup, tmp_path / "ml"
     targets = {"sw": str(root / "ref_sw"), "th": str(root / "ref_th")}
