@@ -282,7 +282,7 @@ def _merge_rows(weight: torch.Tensor, op, *, exact: bool) -> _FixUp | None | boo
 
     Each block is computed in float32, rounded once to the weight's dtype and checked for NaN/Inf
     *before* it is written. With ``exact``, each block's undo is rehearsed right away with the very
-    arithmetic :func:`_undo_rows` will use (``inverse`` of the rounded result, rounded again) and the
+    arithmetic :func:`_unmerge_rows` will use (``inverse`` of the rounded result, rounded again) and the
     entries whose bits it would not restore are recorded (:class:`_FixUp`). Returns the fix-up
     (``exact``), True (not ``exact``), or None for a non-finite block, after taking out the blocks
     already written (exactly with ``exact``, else by the inverse update); so does an exception.
@@ -327,7 +327,7 @@ def _merge_rows(weight: torch.Tensor, op, *, exact: bool) -> _FixUp | None | boo
 
 def _fix_piece(mask: torch.Tensor, block: torch.Tensor):
     """The stored fix-up of one block: nothing, (int32 positions, original values), or a dense copy."""
-    index = mask.reshape(-1).nonzero().reshape(-1)
+    index = _flat_nonzero(mask.reshape(-1))
     count = index.numel()
     if count == 0:
         return None
@@ -335,6 +335,23 @@ def _fix_piece(mask: torch.Tensor, block: torch.Tensor):
     if count * (4 + size) >= block.numel() * size or block.numel() >= 2**31:
         return block.clone()
     return index.to(torch.int32), block.reshape(-1)[index]
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.nonzero()`` of a contiguous 1-D bool tensor, in order, scanning 8 entries per int64 word.
+
+    ``nonzero`` costs about one pass per entry scanned; the words that hold a True are few when the
+    mismatches are, so only they are scanned entry by entry.
+    """
+    n = mask.numel()
+    whole = n - n % 8
+    words = mask[:whole].view(torch.int64)  # 8 bools per word
+    hit = words.nonzero().reshape(-1)
+    inner = words[hit].view(torch.bool).reshape(-1, 8).nonzero()  # (word, entry) pairs, row-major order
+    index = hit[inner[:, 0]] * 8 + inner[:, 1]
+    if whole < n:
+        index = torch.cat([index, mask[whole:].nonzero().reshape(-1) + whole])
+    return index
 
 
 def _unmerge_rows(data: torch.Tensor, op, fix: _FixUp | None, end: int) -> None:
