@@ -9,6 +9,7 @@ down) are loaded with PEFT's defaults. Routes, each ending with a plain model ho
 * ``ours``: ``merge_crosslingual_into_base(model, cfg)`` then ``model.unload()``;
 * ``ours_merge_only``: ``merge_crosslingual_into_base`` alone (adapters kept, e.g. for a t sweep);
 * ``ours_undo``: ``handle.undo()`` after a merge (what a sweep pays per point to go back);
+  the memory kept for the exact undo (``handle.undo_bytes``) is printed per dtype;
 * ``peft_cat_merge_and_unload``: ``add_weighted_adapter(cat, [1, t, -t])`` then
   ``merge_and_unload(adapter_names=["merged"])``.
 
@@ -122,7 +123,7 @@ def main() -> None:
             dtype = C.dtype_of(dtype_name)
             module_bytes = C.INTERMEDIATE * C.HIDDEN * torch.empty((), dtype=dtype).element_size()
             base = C.build_base(args.layers, dtype, materialize=True)
-            times, mem = {}, {}
+            times, mem, kept = {}, {}, {}
             # rounds: every route once per round (first round = warm-up), so load drift hits all alike
             for i in range(args.reps + 1):
                 for case in CASES:
@@ -131,6 +132,7 @@ def main() -> None:
                     if i > 0:
                         times.setdefault(case, []).extend(sample)
                     if route.handle is not None and route.handle.merged:
+                        kept = {"undo_bytes": route.handle.undo_bytes, "weight_bytes": route.handle.weight_bytes}
                         route.handle.undo()
                     base = route.base if route.model is None else route.model.unload()
                     C.trim_heap()
@@ -161,10 +163,18 @@ def main() -> None:
                 "all_s": times,
                 "peak_extra_rss_bytes": mem,
                 "speedup_ours_vs_peft": peft / med["ours"],
+                "exact_undo_kept_bytes": kept.get("undo_bytes"),
+                "merged_weight_bytes": kept.get("weight_bytes"),
                 "goal_1.5x_faster": peft / med["ours"] >= GOAL_SPEEDUP,
                 "goal_no_dense_temporary_above_one_module": mem["ours"] <= module_bytes,
             }
             print(f"[{dtype_name}] largest module weight (11008 x 4096): {C.mib(module_bytes):.1f} MiB")
+            if kept:
+                print(
+                    f"[{dtype_name}] kept for exact undo: {C.mib(kept['undo_bytes']):.2f} MiB = "
+                    f"{kept['undo_bytes'] / kept['weight_bytes']:.2%} of the merged weights "
+                    f"({C.mib(kept['weight_bytes']):.0f} MiB), {kept['undo_bytes'] / module_bytes:.3f}x module"
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     C.print_table(
