@@ -318,7 +318,8 @@ class AdaMergeXLM(SelectiveLogitsHFLM):
 
         cfg = self._adamergex_config
         if self._merge_into_base:
-            merge_crosslingual_into_base(peft_model, cfg)
+            # One-shot: PEFT is unloaded right after, so nothing is kept for an undo (exact_undo=False).
+            merge_crosslingual_into_base(peft_model, cfg, exact_undo=False)
             logger.info("Merged the AdaMergeX update (t=%s, method=%s) into the base weights.", cfg.t, cfg.method)
             return peft_model.unload()
         name = merge_crosslingual(peft_model, cfg, MERGED_ADAPTER_NAME)
