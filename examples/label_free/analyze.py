@@ -267,6 +267,14 @@ def report(name: str, data: dict, B: int, seed: int) -> tuple[str, dict]:
     ]
     for lang, r in full["langs"].items():
         lines += [f"**{lang}** (n={len(data['targets'][lang]['labels'])})", ""]
+        if "oracle_loglik" in data["targets"][lang]:
+            o = np.asarray(data["targets"][lang]["oracle_loglik"])
+            y = np.asarray(data["targets"][lang]["labels"])
+            lines += [
+                f"Oracle (task adapter trained on {lang} labels): accuracy {pct(float((o.argmax(1) == y).mean()))}, "
+                f"calibrated (uniform) {pct(float((calibrated_predictions(o, None) == y).mean()))}.",
+                "",
+            ]
         head = "| t | " + " | ".join(f"{h} | vs t={t0}" for _, h in metrics)
         head += " | AUC |" if binary else " |"
         head += " pred. shares | TV to ref | cal. confidence | agreement (cal) |"
@@ -292,13 +300,17 @@ def report(name: str, data: dict, B: int, seed: int) -> tuple[str, dict]:
         lines.append("")
     # Pooled.
     lines += [f"**pooled** over {', '.join(full['langs'])} (each language calibrated on its own items)", ""]
-    head = "| t | " + " | ".join(f"{h} | vs t={t0}" for _, h in metrics) + (" | mean AUC |" if binary else " |")
+    head = "| t | " + " | ".join(f"{h} | vs t={t0}" for _, h in metrics)
+    head += " | calibration gain (source shares) at this t |" + (" mean AUC |" if binary else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for t in ts:
         cells = [t]
         for m, _h in metrics:
             d = ci(rep["pooled"][t][m] - rep["pooled"][t0][m] for rep in reps)
             cells += [pct(full["pooled"][t][m]), "" if t == t0 else dci(d)]
+        gain = full["pooled"][t]["acc_cal_source"] - full["pooled"][t]["acc"]
+        g_ci = ci(rep["pooled"][t]["acc_cal_source"] - rep["pooled"][t]["acc"] for rep in reps)
+        cells.append(f"{100 * gain:+.1f} {dci(g_ci)}")
         if binary:
             cells.append(f"{np.mean([r['per_t'][t]['auc'] for r in full['langs'].values()]):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
