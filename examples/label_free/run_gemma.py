@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=100, help="test verses per language (balanced, parallel)")
     ap.add_argument("--task-steps", type=int, default=32)
     ap.add_argument("--ref-steps", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="reference-adapter batch size")
+    ap.add_argument("--task-batch", type=int, default=4)
     ap.add_argument("--ref-window", type=int, default=32, help="words per reference window")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -117,11 +118,22 @@ def main(argv=None) -> int:
         gguf = find_gguf(args.gguf)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model.save_pretrained(base_dir)
+        # The weights are already dequantised to float32; drop the GGUF marker so that save_pretrained
+        # writes a plain checkpoint (it refuses "quantized with gguf" models otherwise).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tokenizer.save_pretrained(base_dir)
-        log(f"converted {gguf} to {base_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        try:
+            model.save_pretrained(base_dir)
+            log(f"converted {gguf} to {base_dir}")
+            del model
+        except Exception as err:  # keep going with the model in memory (the next run converts again)
+            log(f"could not save the converted model ({err}); using it from memory")
+            (base_dir / "config.json").unlink(missing_ok=True)
+    if "model" not in locals():
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -133,10 +145,12 @@ def main(argv=None) -> int:
 
     # Adapters.
     adapters = out / "adapters"
-    jobs = [("task", "task", data_dir / "task.en.jsonl", args.task_steps)]
-    jobs += [(f"ref_{lang}", "reference", ref_files[lang], args.ref_steps) for lang in [args.source, *args.targets]]
+    jobs = [("task", "task", data_dir / "task.en.jsonl", args.task_steps, args.task_batch)]
+    jobs += [
+        (f"ref_{lang}", "reference", ref_files[lang], args.ref_steps, args.batch) for lang in [args.source, *args.targets]
+    ]
     training = {}
-    for name, kind, path, steps in jobs:
+    for name, kind, path, steps, batch in jobs:
         folder = adapters / name
         info = folder / "adamergex_training.json"
         if info.exists():
@@ -150,7 +164,7 @@ def main(argv=None) -> int:
                 "lora_alpha": 2 * args.rank,
                 "lora_target_modules": args.targets_modules.split(","),
                 "max_steps": steps,
-                "per_device_train_batch_size": args.batch,
+                "per_device_train_batch_size": batch,
                 "learning_rate": args.lr,
                 "max_length": 96,
                 "seed": args.seed,
