@@ -388,6 +388,10 @@ def main(argv=None) -> int:
     for path in args.inputs:
         data = json.loads(Path(path).read_text())
         name = data.get("testbed", Path(path).stem)
+        # Only the t values every language has (a run cut short, or a merge refused at some t).
+        common = set.intersection(*(set(e["points"]) for e in data["targets"].values()))
+        for e in data["targets"].values():
+            e["points"] = {t: v for t, v in e["points"].items() if t in common and v is not None}
         text, summary = report(name, data, args.bootstrap, args.seed)
         texts.append(text)
         summaries.append(summary)
