@@ -389,6 +389,7 @@ def main(argv=None) -> int:
         data = json.loads(Path(path).read_text())
         name = data.get("testbed", Path(path).stem)
         # Only the t values every language has (a run cut short, or a merge refused at some t).
+        data["targets"] = {lang: e for lang, e in data["targets"].items() if e["points"]}
         common = set.intersection(*(set(e["points"]) for e in data["targets"].values()))
         for e in data["targets"].values():
             e["points"] = {t: v for t, v in e["points"].items() if t in common and v is not None}
