@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     adapters = out / "adapters"
     jobs = [("task", "task", data_dir / "task.en.jsonl", args.task_steps, args.task_batch)]
     jobs += [
-        (f"ref_{lang}", "reference", ref_files[lang], args.ref_steps, args.batch) for lang in [args.source, *args.targets]
+        (f"ref_{lang}", "reference", ref_files[lang], args.ref_steps, args.batch)
+        for lang in [args.source, *args.targets]
     ]
     training = {}
     for name, kind, path, steps, batch in jobs:
