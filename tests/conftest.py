@@ -7,8 +7,49 @@ Set here (not in test files): the tests build tiny models and tokenizers in code
 from __future__ import annotations
 
 import os
+import sys
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def lm_eval_cli(monkeypatch, capsys):
+    """Run ``lm_eval <args>`` in this process (``lm_eval.__main__.cli_evaluate``).
+
+    Returns ``run(*args, cwd=...) -> (exit status, stdout, stderr)``; exceptions other than
+    ``SystemExit`` propagate, as they would end a real ``lm_eval`` with a traceback. For tests of
+    argument handling and output: it saves the interpreter start-up and the lm-eval import of a
+    subprocess. The real console script runs in tests/test_lm_eval_plugin.py. lm-eval's
+    ``setup_logging`` (a handler on the ``lm_eval`` logger, which it stops propagating) is undone.
+    """
+    import logging
+
+    import lm_eval.utils
+    from lm_eval.__main__ import cli_evaluate
+
+    logger = logging.getLogger("lm_eval")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", lm_eval.utils._LOGGING_CONFIGURED)
+    level = logger.level
+
+    def run(*args, cwd) -> tuple[int, str, str]:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["lm_eval", *map(str, args)])
+        capsys.readouterr()
+        try:
+            cli_evaluate()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            logger.setLevel(level)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
