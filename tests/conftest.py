@@ -1,4 +1,4 @@
-"""Shared test set-up: the Hugging Face libraries offline, once for every test file and subprocess.
+"""Shared test set-up: the Hugging Face libraries offline (every test file and subprocess), xdist workers.
 
 Set here (not in test files): the tests build tiny models and tokenizers in code
 (:mod:`adamergex_peft.testing`) and must never reach the hub. Subprocesses inherit these variables.
@@ -15,6 +15,25 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MAX_WORKERS = 4  # most of the suite's time is subprocess start-up and small kernels: more workers add memory
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With pytest-xdist installed (the ``test`` extra), run on one worker per core, at most ``MAX_WORKERS``.
+
+    Set here rather than as ``-n auto`` in ``addopts`` so that ``python -m pytest`` still works,
+    serially, in an environment without xdist. An explicit ``-n N`` (``-n 0``: no workers) or
+    ``-p no:xdist`` wins; ``--pdb`` runs serially (xdist's rule for ``-n auto``). Runs before
+    xdist's own hook (both ``tryfirst``; a conftest registers later), which resolves ``auto``.
+    """
+    if not config.pluginmanager.hasplugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if config.option.numprocesses is None and not config.option.collectonly:
+        config.option.numprocesses = "auto"
+        if config.option.maxprocesses is None:
+            config.option.maxprocesses = MAX_WORKERS
 
 
 @pytest.fixture
