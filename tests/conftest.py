@@ -25,8 +25,8 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
     Set here rather than as ``-n auto`` in ``addopts`` so that ``python -m pytest`` still works,
     serially, in an environment without xdist. An explicit ``-n N`` (``-n 0``: no workers) or
-    ``-p no:xdist`` wins; ``--pdb`` runs serially (xdist's rule for ``-n auto``). Runs before
-    xdist's own hook (both ``tryfirst``; a conftest registers later), which resolves ``auto``.
+    ``-p no:xdist`` wins; ``--pdb`` runs serially (xdist's rule for ``-n auto``, which xdist
+    resolves). Checked: plain, ``-n 0``, ``-p no:xdist`` and ``--pdb`` runs.
     """
     if not config.pluginmanager.hasplugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
         return
