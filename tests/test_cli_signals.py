@@ -13,8 +13,12 @@ import pytest
 from adamergex_peft import cli
 
 SLEEPY = textwrap.dedent("""\
-    import sys, tempfile, time
+    import signal, sys, tempfile, time
     from adamergex_peft import cli
+
+    # As from a terminal: Ctrl-C raises KeyboardInterrupt. (pytest-xdist workers ignore SIGINT,
+    # and a child inherits that, so Python would not install its handler.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def run(args):
         with tempfile.TemporaryDirectory(dir=sys.argv[1]) as folder:

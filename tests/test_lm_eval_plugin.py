@@ -338,9 +338,12 @@ def test_tasks_dir_falls_back_to_source_checkout():
 
 def test_task_manager_indexes_adamergex_tasks_only_with_the_defaults(plugin_env, tmp_path, tiny_tasks):
     """The hook adds the task folder to TaskManager(include_defaults=True) (what `lm_eval` builds), once."""
-    tasks_dir = _run([plugin_env["adamergex"], "tasks-dir"], cwd=tmp_path, env=_env(tmp_path)).stdout.strip()
     code = textwrap.dedent(f"""\
-        import json, logging, sys
+        import importlib.util, json, logging, os, sys
+        # The installed package's task folder, found without importing the package (what `adamergex
+        # tasks-dir` prints: test_tasks_dir_command).
+        tasks_dir = os.path.join(importlib.util.find_spec("adamergex_peft").submodule_search_locations[0], "lm_eval_tasks")
+        assert os.path.isdir(tasks_dir), tasks_dir
         records = []
         class Keep(logging.Handler):
             def emit(self, record):
@@ -349,7 +352,7 @@ def test_task_manager_indexes_adamergex_tasks_only_with_the_defaults(plugin_env,
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         from lm_eval.tasks import TaskManager
         # The folder is also passed explicitly (the documented --include_path route): no duplicate.
-        with_defaults = TaskManager(include_path=["{tasks_dir}", "{tiny_tasks}"])
+        with_defaults = TaskManager(include_path=[tasks_dir, "{tiny_tasks}"])
         without = TaskManager(include_defaults=False, include_path="{tiny_tasks}")
         print(json.dumps({{
             "with_defaults": [t for t in ("adamergex_xcopa_mc_sw", "adamergex", "tiny_mc", "hellaswag")
@@ -448,15 +451,19 @@ def test_parse_arimerge_weights(plugin_module, text, expected):
     assert plugin_module.parse_arimerge_weights(text) == expected
 
 
-def test_cli_argument_error_names_the_argument(plugin_env, tiny_model, tiny_tasks, tmp_path):
-    """Through the real `lm_eval` command: the error's last line names the missing argument."""
-    cmd = [plugin_env["lm_eval"], "--model", "adamergex", "--model_args", f"pretrained={tiny_model},t=0.5"]
-    cmd += ["--tasks", "tiny_mc", "--include_path", tiny_tasks, "--device", "cpu"]
-    proc = _run(cmd, cwd=tmp_path, env=_env(tmp_path), check=False)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
+def test_cli_argument_error_names_the_argument(plugin_module, lm_eval_cli, tiny_model, tiny_tasks, tmp_path):
+    """Through lm-eval's CLI: the error (the last line a user sees) names every missing argument.
+
+    In this process (``cli_evaluate``; the plugin registered by importing it): the console script
+    with the installed start-up hook runs in test_lm_eval_adamergex_on_a_packaged_task_without_include_path.
+    """
+    args = ["--model", "adamergex", "--model_args", f"pretrained={tiny_model},t=0.5"]
+    args += ["--tasks", "tiny_mc", "--include_path", tiny_tasks, "--device", "cpu"]
+    with pytest.raises(ValueError) as excinfo:
+        lm_eval_cli(*args, cwd=tmp_path)
+    assert type(excinfo.value) is ValueError  # printed as "ValueError: ..." by the real command
     missing = "task_adapter, source_reference_adapter, target_reference_adapter"  # all of them, as argparse does
-    assert last.startswith(f"ValueError: adamergex model_args: {missing}: required"), proc.stderr[-2000:]
+    assert str(excinfo.value).startswith(f"adamergex model_args: {missing}: required"), str(excinfo.value)
 
 
 # --------------------------------------------------------------------------- end to end

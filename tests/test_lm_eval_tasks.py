@@ -13,8 +13,6 @@ import importlib.util
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -513,41 +511,29 @@ def test_xlsum_rouge_l_on_known_pairs():
 # ------------------------------------------------------------------------- end to end
 
 
-def _cli_env(data_dir: Path) -> dict[str, str]:
-    return {**os.environ, utils.DATA_DIR_ENV: str(data_dir)}  # offline variables: from conftest.py
+@pytest.fixture
+def lm_eval_here(lm_eval_cli, data_dir, monkeypatch):
+    """``lm_eval ...`` in this process with the local data (the console script: test_lm_eval_plugin.py)."""
+    monkeypatch.setenv(utils.DATA_DIR_ENV, str(data_dir))  # offline variables: from conftest.py
+    return lm_eval_cli
 
 
-def _lm_eval(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; cli_evaluate()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_lm_eval_validate_accepts_every_task_and_group(data_dir, tmp_path):
+def test_lm_eval_validate_accepts_every_task_and_group(lm_eval_here, tmp_path):
     names = [*ALL_TASKS, "adamergex", "adamergex_xlt", "adamergex_xcopa_mc", "adamergex_xnli_mc"]
     names += [f"adamergex_{f}" for f in LANGS] + [f"adamergex_xlt_{f}" for f in LANGS]
-    proc = _lm_eval(
-        "validate", "--tasks", ",".join(names), "--include_path", str(TASKS_DIR), env=_cli_env(data_dir), cwd=tmp_path
+    code, out, err = lm_eval_here("validate", "--tasks", ",".join(names), "--include_path", TASKS_DIR, cwd=tmp_path)
+    assert code == 0, out + err
+    assert "All tasks found and valid" in out
+    code, out, err = lm_eval_here(
+        "validate", "--tasks", "adamergex_xcopa_de", "--include_path", TASKS_DIR, cwd=tmp_path
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "All tasks found and valid" in proc.stdout
-    bad = _lm_eval(
-        "validate",
-        "--tasks",
-        "adamergex_xcopa_de",
-        "--include_path",
-        str(TASKS_DIR),
-        env=_cli_env(data_dir),
-        cwd=tmp_path,
-    )
-    assert bad.returncode != 0  # XCOPA has no German: no such task
+    assert code != 0  # XCOPA has no German: no such task
 
 
-def test_lm_eval_cli_runs_tasks_from_include_path(data_dir, tmp_path):
+def test_lm_eval_cli_runs_tasks_from_include_path(lm_eval_here, tmp_path):
     """`lm_eval --tasks adamergex_xcopa_sw --include_path <repo>/lm_eval_tasks` from another directory."""
     out = tmp_path / "results"
-    proc = _lm_eval(
+    code, stdout, stderr = lm_eval_here(
         "--model",
         "dummy",
         # lm-eval hands model_args to every task's custom_dataset as metadata: must not break loading.
@@ -556,15 +542,14 @@ def test_lm_eval_cli_runs_tasks_from_include_path(data_dir, tmp_path):
         "--tasks",
         "adamergex_xcopa_sw,adamergex_xnli_mc_de",
         "--include_path",
-        str(TASKS_DIR),
+        TASKS_DIR,
         "--limit",
         "2",
         "--output_path",
-        str(out),
-        env=_cli_env(data_dir),
+        out,
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     # The dummy model answers "lol" to every prompt: no option can be read, so XCOPA accuracy is 0.
     assert results["adamergex_xcopa_sw"]["acc,none"] == 0.0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,13 +180,45 @@ def test_nan_in_file_is_refused(lora_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def run_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "adamergex_peft", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+@pytest.fixture
+def run_cli(monkeypatch, capsys, caplog):
+    """``adamergex ...`` in this process (``cli.main``): exit status, stdout, stderr, warnings logged.
+
+    The real console script and ``python -m adamergex_peft`` run in subprocesses elsewhere
+    (test_lm_eval_plugin.py::test_tasks_dir_command, test_output_folders.py concurrent runs); here
+    only the argument handling and output matter, so no interpreter start-up per call. What
+    ``cli.main`` sets for the process (thread variables, torch threads) is restored afterwards.
+    """
+    import torch
+
+    from adamergex_peft import cli
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        caplog.clear()
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse errors
+            code = exc.code
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        # A subprocess would print logged warnings to stderr too (cli.main's logging.basicConfig).
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err, logged=logged)
+
+    return run
 
 
-def test_cli_merge(lora_dirs, tmp_path):
+def test_cli_merge(lora_dirs, tmp_path, run_cli):
     out = tmp_path / "cli_out"
     common = [
         "merge",
@@ -208,7 +240,7 @@ def test_cli_merge(lora_dirs, tmp_path):
     # errors: one line, no traceback, exit 2, nothing written
     proc = run_cli(*common, "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "exists" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "exists" in proc.stderr and proc.logged == []
     proc = run_cli(*common, "--output", str(tmp_path / "fw"), "--lora-strategy", "factorwise", cwd=tmp_path)
     assert proc.returncode == 2 and "one rank and one scaling" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "fw").exists()
@@ -216,7 +248,7 @@ def test_cli_merge(lora_dirs, tmp_path):
     assert proc.returncode == 2 and "finite" in proc.stderr
 
 
-def test_cli_flags_reach_the_config(lora_dirs, ia3_dirs, tmp_path):
+def test_cli_flags_reach_the_config(lora_dirs, ia3_dirs, tmp_path, run_cli):
     cases = [
         (
             lora_dirs,
