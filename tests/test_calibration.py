@@ -13,10 +13,9 @@ import math
 
 import pytest
 import torch
+from scipy.optimize import linprog  # the LP oracle: which assignments offsets can reach
 
 from adamergex_peft import calibration as cal
-
-linprog = pytest.importorskip("scipy.optimize").linprog
 
 
 def realizable(L: torch.Tensor, assign: tuple[int, ...]) -> bool:

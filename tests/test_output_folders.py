@@ -118,7 +118,8 @@ def test_two_concurrent_cli_runs_one_wins_one_exits_2(adapters, work):
     assert codes == [0, 2], results
     loser = next(err for rc, err in results if rc == 2).strip()
     assert "\n" not in loser and str(out) in loser, loser
-    assert sorted(os.listdir(work)) == ["merged"] and sorted(os.listdir(out)) == FILES
+    # the CLI also writes the model card (README.md) inside the same atomic publish
+    assert sorted(os.listdir(work)) == ["merged"] and sorted(os.listdir(out)) == sorted([*FILES, "README.md"])
 
 
 # ------------------------------------------------------------------------------------- temporary names

@@ -39,6 +39,7 @@ import numpy as np
 
 try:  # the package's label-free calibration (issue 10, part 1), once it lands
     import torch
+
     from adamergex_peft.calibration import calibrated_predictions as _pkg_calibrated_predictions
     from adamergex_peft.calibration import prior_offsets as _pkg_prior_offsets
 
