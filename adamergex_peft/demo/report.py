@@ -63,8 +63,8 @@ def format_table(result: DemoResult) -> str:
         "gap closed = (mean - task_only) / (oracle - task_only): 0% = no better than the source task adapter, "
         "100% = as good as an adapter trained on target-language labels.",
         "cal = accuracy after label-free calibration of the answer prior over each test set (acc_calibrated: class "
-        "offsets that make the predicted shares uniform; no labels read); a merge that shifts the prior loses raw "
-        "accuracy that calibration recovers.",
+        "offsets that make the predicted shares uniform; no labels read). Raw accuracy hides a merge that only "
+        "shifts the prior; the calibrated columns show what is left of its ranking.",
         "Source-language accuracy of the task adapter: "
         + ", ".join(f"{FAMILY_LABELS.get(f, f)} {100 * s:.1f}%" for f, s in result.source_scores.items())
         + f" ({result.source}).",
