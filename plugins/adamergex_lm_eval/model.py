@@ -28,7 +28,7 @@ from typing import Any
 import lm_eval.models  # noqa: F401  (register the built-in models before ours, see adamergex_lm_eval._hook)
 from lm_eval.api.registry import register_model
 
-from adamergex_lm_eval.selective_logits import SelectiveLogitsHFLM
+from adamergex_lm_eval.selective_logits import SelectiveLogitsHFLM, parse_bool
 from adamergex_peft.config import ADAPTER_FIELDS, DEFAULT_ADAPTER_NAMES
 
 # Under lm-eval's logger hierarchy, so lm-eval's handler and level (LMEVAL_LOG_LEVEL) apply to these messages.
@@ -39,9 +39,6 @@ MODEL_NAME = "adamergex"
 #: Names the three input adapters get inside the PeftModel (shared with the sweep), and the name of the merged adapter.
 ADAPTER_NAMES: dict[str, str] = dict(DEFAULT_ADAPTER_NAMES)
 MERGED_ADAPTER_NAME = "adamergex"
-
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
 
 
 def _error(argument: str, message: str) -> ValueError:
@@ -62,14 +59,10 @@ def _parse_float(argument: str, value: Any) -> float:
 
 
 def _parse_bool(argument: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise _error(argument, f"expected true or false, got {value!r}")
+    try:
+        return parse_bool(value, argument)
+    except ValueError:
+        raise _error(argument, f"expected true or false, got {value!r}") from None
 
 
 def _parse_optional_int(argument: str, value: Any) -> int | None:

@@ -59,7 +59,8 @@ _FALSE = ("false", "0", "no", "off")
 _UNDECIDED = "undecided"
 
 
-def _parse_bool(value: Any) -> bool:
+def parse_bool(value: Any, argument: str) -> bool:
+    """A model_arg flag: a bool, or true/false, 1/0, yes/no, on/off (any case)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -67,7 +68,7 @@ def _parse_bool(value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"selective_logits: expected true or false, got {value!r}")
+    raise ValueError(f"{argument}: expected true or false, got {value!r}")
 
 
 class SelectiveLogitsHFLM(HFLM):
@@ -80,7 +81,7 @@ class SelectiveLogitsHFLM(HFLM):
     """
 
     def __init__(self, *args: Any, selective_logits: bool | str = True, **kwargs: Any) -> None:
-        self._selective_enabled = _parse_bool(selective_logits)
+        self._selective_enabled = parse_bool(selective_logits, "selective_logits")
         self._selective_mode: str | None = _UNDECIDED
         super().__init__(*args, **kwargs)
 
