@@ -2,7 +2,7 @@
 scored positions only), same requests, same model, large vocabulary.
 
 Fixture (built offline, no download): a random Llama (hidden 256, 4 layers, intermediate 688,
-vocabulary 128,256 as Llama 3; ~70M parameters, two thirds of them the embedding and the output head)
+vocabulary 128,256 as Llama 3; ~69M parameters, 95% of them the embedding and the output head)
 and a word-level tokenizer of the same size. Requests: a multiple-choice workload, ``--docs``
 documents, each a context of 20-60 tokens and 2-4 choices of 1-6 tokens (lm-eval ``loglikelihood``
 instances, as a ``multiple_choice`` task sends them).
