@@ -1,4 +1,4 @@
-"""Benchmark 8: full-model export, shard by shard, vs the PEFT route.
+"""Benchmark 9: full-model export, shard by shard, vs the PEFT route.
 
 A random Llama (default ~180M parameters in fp32, saved in 4+ safetensors shards; ``--quick``: ~35M)
 and a merged LoRA adapter (``merge_adapter_files`` of three random r=8 adapters on q,k,v,o,gate,up,
@@ -138,8 +138,8 @@ def main() -> None:
     size = "quick" if args.quick else "full"
     reps = 1 if args.quick else args.reps
     env = C.environment()
-    print(f"benchmark 8: full-model export, shard by shard, vs PEFT merge_and_unload + save_pretrained; {env}")
-    root = Path(tempfile.mkdtemp(prefix="adamergex-bench8-"))
+    print(f"benchmark 9: full-model export, shard by shard, vs PEFT merge_and_unload + save_pretrained; {env}")
+    root = Path(tempfile.mkdtemp(prefix="adamergex-bench9-"))
     try:
         info = prepare(root, size)
         print(
