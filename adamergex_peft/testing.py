@@ -372,3 +372,34 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
     return json.dumps(value)
+
+
+# ---------------------------------------------------------------------------------- sweep fixtures
+#: The vocabulary of the tiny two-choice topic task the sweep tests evaluate.
+TOPIC_WORDS: tuple[str, ...] = tuple("ana bo eat read apple book food study topic : .".split())
+
+
+def topic_sweep_models(root: str | Path, adapters: Sequence[str], seed: int) -> Path:
+    """A tiny word-level Llama saved at ``root/base`` and one random LoRA adapter (r=4, q/v) per name.
+
+    The adapters get seeds ``seed, seed + 1, ...`` in the order of ``adapters``. A large init (0.3):
+    a random model's output layer is nearly flat at the usual 0.02. Returns the base folder.
+    """
+    root = Path(root)
+    tokenizer = word_tokenizer([" ".join(TOPIC_WORDS)])
+    base = tiny_llama(tokenizer=tokenizer, heads=2, kv_heads=None, max_positions=256, initializer_range=0.3)
+    save_model(base, tokenizer, root / "base")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    for offset, name in enumerate(adapters):
+        save_adapter(root / "base", "lora", seed + offset, root / name, settings=lora)
+    return root / "base"
+
+
+def topic_rows(objects: Sequence[str]) -> list[dict[str, Any]]:
+    """Items of the two-choice topic task: "<s> <v> the <o> . topic :" -> food (0) / study (1, for book and study)."""
+    return [
+        {"prompt": f"{s} {v} the {o} . topic :", "choices": ["food", "study"], "label": int(o in ("book", "study"))}
+        for s in ("ana", "bo")
+        for v in ("eat", "read")
+        for o in objects
+    ]

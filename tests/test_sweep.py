@@ -19,8 +19,6 @@ from adamergex_peft.sweep import (
     summarize_lm_eval,
 )
 
-WORDS = "ana bo eat read apple book food study topic : .".split()
-
 
 def test_plan_points():
     points = plan_points(["adamergex", "task_only", "cross", "adamergex"], [0, 0.5, 0.5, 1])
@@ -60,19 +58,8 @@ def test_summarize_lm_eval_picks_metrics():
 def sweep_setup(tmp_path_factory):
     """A tiny base model, three random LoRA adapters, and a local multiple-choice lm-eval task."""
     root = tmp_path_factory.mktemp("sweep")
-    tokenizer = testing.word_tokenizer([" ".join(WORDS)])
-    # A large init (0.3): a random model's output layer is nearly flat at the usual 0.02.
-    base = testing.tiny_llama(tokenizer=tokenizer, heads=2, kv_heads=None, max_positions=256, initializer_range=0.3)
-    testing.save_model(base, tokenizer, root / "base")
-    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    for seed, name in enumerate(("task", "ref_src", "ref_tgt")):
-        testing.save_adapter(root / "base", "lora", 100 + seed, root / name, settings=lora)
-    rows = [
-        {"prompt": f"{s} {v} the {o} . topic :", "choices": ["food", "study"], "label": int(o == "book")}
-        for s in ("ana", "bo")
-        for v in ("eat", "read")
-        for o in ("apple", "book")
-    ]
+    testing.topic_sweep_models(root, ("task", "ref_src", "ref_tgt"), seed=100)
+    rows = testing.topic_rows(("apple", "book"))
     testing.write_jsonl(rows, root / "test.jsonl")
     testing.write_task_yaml(
         root / "tasks",

@@ -23,31 +23,16 @@ from adamergex_peft.sweep import (
     summarize_samples,
 )
 
-WORDS = "ana bo eat read apple book food study topic : .".split()
 TASK = "adamergex_lf_sweeptest"
 FLIPPED = "adamergex_lf_sweeptest_flipped"
-
-
-def _rows():
-    return [
-        {"prompt": f"{s} {v} the {o} . topic :", "choices": ["food", "study"], "label": int(o in ("book", "study"))}
-        for s in ("ana", "bo")
-        for v in ("eat", "read")
-        for o in ("apple", "book", "food", "study")
-    ]
 
 
 @pytest.fixture(scope="module")
 def lf_setup(tmp_path_factory):
     """A tiny base model, three random LoRA adapters, a 16-item two-choice task and its label-flipped twin."""
     root = tmp_path_factory.mktemp("sweep_lf")
-    tokenizer = testing.word_tokenizer([" ".join(WORDS)])
-    base = testing.tiny_llama(tokenizer=tokenizer, heads=2, kv_heads=None, max_positions=256, initializer_range=0.3)
-    testing.save_model(base, tokenizer, root / "base")
-    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    for seed, name in enumerate(("task", "ref_src", "ref_tgt")):
-        testing.save_adapter(root / "base", "lora", 200 + seed, root / name, settings=lora)
-    rows = _rows()
+    testing.topic_sweep_models(root, ("task", "ref_src", "ref_tgt"), seed=200)
+    rows = testing.topic_rows(("apple", "book", "food", "study"))
     testing.write_jsonl(rows, root / "test.jsonl")
     testing.write_jsonl([{**r, "label": 1 - r["label"]} for r in rows], root / "flipped.jsonl")
     for name, data in ((TASK, "test.jsonl"), (FLIPPED, "flipped.jsonl")):

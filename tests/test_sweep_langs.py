@@ -22,7 +22,6 @@ from adamergex_peft.sweep import (
     tasks_for_lang,
 )
 
-WORDS = "ana bo eat read apple book food study topic : .".split()
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -30,24 +29,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def ml_setup(tmp_path_factory):
     """A tiny base model, a task adapter, a source reference, two target references, one task per language."""
     root = tmp_path_factory.mktemp("sweep_langs")
-    tokenizer = testing.word_tokenizer([" ".join(WORDS)])
-    base = testing.tiny_llama(tokenizer=tokenizer, heads=2, kv_heads=None, max_positions=256, initializer_range=0.3)
-    testing.save_model(base, tokenizer, root / "base")
-    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    for seed, name in enumerate(("task", "ref_src", "ref_sw", "ref_th")):
-        testing.save_adapter(root / "base", "lora", 300 + seed, root / name, settings=lora)
+    testing.topic_sweep_models(root, ("task", "ref_src", "ref_sw", "ref_th"), seed=300)
     objects = {"sw": ("apple", "book", "food"), "th": ("study", "topic", "apple", "book")}
     for lang, objs in objects.items():
-        rows = [
-            {
-                "prompt": f"{s} {v} the {o} . topic :",
-                "choices": ["food", "study"],
-                "label": int(o in ("book", "study")),
-            }
-            for s in ("ana", "bo")
-            for v in ("eat", "read")
-            for o in objs
-        ]
+        rows = testing.topic_rows(objs)
         testing.write_jsonl(rows, root / f"{lang}.jsonl")
         testing.write_task_yaml(
             root / "tasks",

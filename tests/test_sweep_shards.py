@@ -14,7 +14,6 @@ import pytest
 from adamergex_peft import testing
 from adamergex_peft.sweep import RESULTS_JSON, SHARDS_DIR, TABLE_CSV, TABLE_MD, plan_points, run_sweep
 
-WORDS = "ana bo eat read apple book food study topic : .".split()
 TASKS = "adamergex_sh_sweeptest_{lang}"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,27 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sh_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep_shards")
-    tokenizer = testing.word_tokenizer([" ".join(WORDS)])
-    base = testing.tiny_llama(tokenizer=tokenizer, heads=2, kv_heads=None, max_positions=256, initializer_range=0.3)
-    testing.save_model(base, tokenizer, root / "base")
-    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    for seed, name in enumerate(("task", "ref_src", "ref_sw", "ref_th")):
-        testing.save_adapter(root / "base", "lora", 400 + seed, root / name, settings=lora)
+    testing.topic_sweep_models(root, ("task", "ref_src", "ref_sw", "ref_th"), seed=400)
     for lang, objs in {
         "sw": ("apple", "book", "food"),
         "th": ("study", "book", "apple", "food"),
         "en": ("book",),
     }.items():
-        rows = [
-            {
-                "prompt": f"{s} {v} the {o} . topic :",
-                "choices": ["food", "study"],
-                "label": int(o in ("book", "study")),
-            }
-            for s in ("ana", "bo")
-            for v in ("eat", "read")
-            for o in objs
-        ]
+        rows = testing.topic_rows(objs)
         testing.write_jsonl(rows, root / f"{lang}.jsonl")
         testing.write_task_yaml(
             root / "tasks",
