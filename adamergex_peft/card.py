@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from adamergex_peft.atomic import atomic_write_text
-from adamergex_peft.config import CONFIG_NAME
+from adamergex_peft.config import ADAPTER_CONFIG_NAME, CONFIG_NAME
 from adamergex_peft.errors import AdaMergeXError
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 MODEL_CONFIG_NAME = "config.json"
-SWEEP_RESULTS_NAME = "sweep_results.json"
 
 CITATION = """@inproceedings{zhao2025adamergex,
   title     = {AdaMergeX: Cross-Lingual Transfer with Large Language Models via Adaptive Adapter Merging},

@@ -16,6 +16,8 @@ from adamergex_peft.errors import AdaMergeXError
 from adamergex_peft.methods import IA3_STRATEGIES, LORA_STRATEGIES, OPTION_DEFAULTS
 
 CONFIG_NAME = "adamergex_config.json"
+#: PEFT's adapter config file name (``peft.utils.CONFIG_NAME``), without importing peft.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 #: The config fields naming the three adapters, in the order (T, Rs, Rg) every API takes them.
 ADAPTER_FIELDS: tuple[str, str, str] = ("task_adapter", "source_reference_adapter", "target_reference_adapter")
@@ -165,7 +167,7 @@ class AdaMergeXConfig:
                 f"AdaMergeXConfig: task_adapter {self.task_adapter!r} is also used as a reference adapter.",
                 field="task_adapter",
             )
-        if not _is_finite_real(self.t):
+        if not is_finite_real(self.t):
             raise AdaMergeXError(f"AdaMergeXConfig.t must be a finite number, got {self.t!r}.", field="t")
         self.t = float(self.t)
         _methods.get_method(self.method)
@@ -189,7 +191,7 @@ class AdaMergeXConfig:
             weights = tuple(self.arimerge_weights)
         except TypeError:
             weights = ()
-        if len(weights) != 2 or not all(_is_finite_real(w) for w in weights):
+        if len(weights) != 2 or not all(is_finite_real(w) for w in weights):
             raise AdaMergeXError(
                 f"AdaMergeXConfig.arimerge_weights must be two finite numbers (c0, c1), got {self.arimerge_weights!r}.",
                 field="arimerge_weights",
@@ -262,7 +264,7 @@ class AdaMergeXConfig:
         return cls.from_dict(data)
 
 
-def _is_finite_real(value: Any) -> bool:
+def is_finite_real(value: Any) -> bool:
     """A finite real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 

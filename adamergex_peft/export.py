@@ -105,9 +105,7 @@ def _shard_map(base_dir: Path) -> tuple[dict[str, str], dict | None]:
                 )
         return weight_map, index
     if (base_dir / SAFE_WEIGHTS_NAME).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(base_dir / SAFE_WEIGHTS_NAME), framework="pt") as fh:
+        with _safe_open(base_dir / SAFE_WEIGHTS_NAME) as fh:
             return dict.fromkeys(fh.keys(), SAFE_WEIGHTS_NAME), None
     raise AdaMergeXError(
         f"base model {str(base_dir)!r}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}; export needs a "
@@ -117,10 +115,8 @@ def _shard_map(base_dir: Path) -> tuple[dict[str, str], dict | None]:
 
 def _tensor_info(base_dir: Path, shard: str, keys: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and safetensors dtype string (``F32``, ``BF16``...) of ``keys``, read from the header only."""
-    from safetensors import safe_open
-
     info = {}
-    with safe_open(str(base_dir / shard), framework="pt") as fh:
+    with _safe_open(base_dir / shard) as fh:
         present = set(fh.keys())
         for key in keys:
             if key in present:
@@ -261,10 +257,14 @@ def _apply(tensor, update: _Update, out_dtype):
     return torch.mul(tensor.to(torch.float32), scale).to(out_dtype)
 
 
-def _all_finite(tensor) -> bool:
-    import torch
+def _safe_open(path: Path):
+    """``safetensors.safe_open`` on a base model file; a corrupt or unreadable file is one AdaMergeXError."""
+    from safetensors import SafetensorError, safe_open
 
-    return tensor.numel() == 0 or bool(torch.isfinite(tensor.abs().amax()))
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise AdaMergeXError(f"base model file {str(path)!r} is not a readable safetensors file: {err}") from None
 
 
 _ST_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -291,9 +291,10 @@ def _write_shard(src: Path, dst: Path, by_key: dict[str, _Update], dtype, name: 
     import struct
 
     import torch
-    from safetensors import safe_open
 
-    with safe_open(str(src), framework="pt") as fh:
+    from adamergex_peft.merge import _all_finite as engine_all_finite
+
+    with _safe_open(src) as fh:
         metadata = {**(fh.metadata() or {}), "format": "pt"}
         layout = []
         for key in fh.keys():
@@ -324,7 +325,7 @@ def _write_shard(src: Path, dst: Path, by_key: dict[str, _Update], dtype, name: 
                 update = by_key.get(key)
                 if update is not None:
                     tensor = _apply(tensor, update, out_dtype)
-                    if not _all_finite(tensor):
+                    if not engine_all_finite(tensor):
                         raise AdaMergeXError(
                             f"adapter {name!r}, module {update.module!r}: the merged tensor {key!r} has NaN/Inf "
                             f"values in {out_dtype} (overflow?); export in float32 or check the adapter."

@@ -23,12 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from adamergex_peft.atomic import publish_folder, recover_folder
-from adamergex_peft.config import ADAPTER_FIELDS, CONFIG_NAME, AdaMergeXConfig
+from adamergex_peft.config import ADAPTER_CONFIG_NAME, ADAPTER_FIELDS, CONFIG_NAME, AdaMergeXConfig
 from adamergex_peft.errors import AdaMergeXError
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PT_WEIGHTS_NAME = "adapter_model.bin"
 

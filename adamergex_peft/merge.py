@@ -26,7 +26,7 @@ from peft import IA3Config, LoraConfig, PeftConfig, PeftType
 from peft.utils.other import get_pattern_key
 
 from adamergex_peft import merge_utils as mu
-from adamergex_peft.config import AdaMergeXConfig
+from adamergex_peft.config import AdaMergeXConfig, is_finite_real
 from adamergex_peft.errors import AdaMergeXError
 from adamergex_peft.methods import OPTION_DEFAULTS, OPTION_PEFT_TYPES, MergeMethod, get_method
 
@@ -122,10 +122,6 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Exact and cheap: ``amax`` propagates NaN, and an infinite entry makes the maximum infinite."""
     return tensor.numel() == 0 or bool(torch.isfinite(tensor.abs().amax()))
@@ -193,7 +189,7 @@ def _parse_lora(adapter: AdapterWeights) -> dict[str, _LoraModule]:
             if alpha_key in alpha_pattern
             else ("lora_alpha", cfg.lora_alpha)
         )
-        if not _is_finite_number(alpha):
+        if not is_finite_real(alpha):
             raise AdaMergeXError(
                 f"adapter {adapter.name!r}, module {target!r}: adapter_config {a_field}={alpha!r} is not a finite number."
             )
@@ -306,7 +302,7 @@ def merge_state_dicts(
 
     if allow_different_base_models is None:
         allow_different_base_models = config.allow_different_base_models
-    _check_same_base_model(adapters, types["T"], allow_different_base_models)
+    _check_same_base_model(adapters, allow_different_base_models)
 
     weights = method.role_weights(config.t)
     used = {role: adapters[role] for role in weights}
@@ -327,7 +323,7 @@ def _module_names(adapter: AdapterWeights) -> set[str]:
     return names
 
 
-def _check_same_base_model(adapters: dict[str, AdapterWeights], peft_type: PeftType, allow_different: bool) -> None:
+def _check_same_base_model(adapters: dict[str, AdapterWeights], allow_different: bool) -> None:
     """Refuse adapters that cannot come from one base model (see :func:`merge_state_dicts`)."""
     task_modules = _module_names(adapters["T"])
     for role in ("Rs", "Rg"):

@@ -154,10 +154,6 @@ def get_method(name: Any) -> MergeMethod:
         ) from None
 
 
-def method_names() -> tuple[str, ...]:
-    return tuple(METHODS)
-
-
 def methods_help() -> str:
     """``"adamergex (...), cross (...)"``: one phrase per method, for help texts."""
     return "; ".join(m.help_line() for m in METHODS.values())

@@ -22,8 +22,6 @@ from adamergex_peft.errors import AdaMergeXError
 
 #: The values vLLM accepts for ``--max-lora-rank`` (``LoRAConfig.max_lora_rank``).
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-#: vLLM's default ``--max-lora-rank``.
-VLLM_DEFAULT_MAX_LORA_RANK = 16
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -81,8 +79,7 @@ def vllm_max_lora_rank(peft_config: Any, state_dict: Mapping[str, Any] | None = 
     problems = vllm_problems(peft_config, state_dict)
     if problems:
         raise AdaMergeXError(f"{name!r} is not vLLM-ready: {'; '.join(problems)}.")
-    r = _get(peft_config, "r")
-    return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)
+    return vllm_padded_rank(_get(peft_config, "r"))
 
 
 def vllm_padded_rank(rank: int) -> int:

@@ -306,6 +306,17 @@ def test_shape_mismatch(tmp_path):
     _assert_nothing_written(tmp_path, before)
 
 
+def test_corrupt_base_shard_is_one_line_error(tmp_path):
+    base_dir, model, _ = build("lora", "llama", tmp_path)
+    shard = sorted(base_dir.glob("*.safetensors"))[0]
+    shard.write_bytes(b"\xff" * 64)  # not a safetensors header
+    before = listing(tmp_path)
+    with pytest.raises(AdaMergeXError, match="is not a readable safetensors file") as info:
+        export_merged_model(base_dir, merged_result(model, cfg()), tmp_path / "out")
+    assert "\n" not in str(info.value) and shard.name in str(info.value)
+    _assert_nothing_written(tmp_path, before)
+
+
 def test_existing_output_is_kept_unless_overwrite(tmp_path):
     base_dir, model, _ = build("ia3", "llama", tmp_path)
     (tmp_path / "out").mkdir()

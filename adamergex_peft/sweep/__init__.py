@@ -164,13 +164,4 @@ __all__ = [
     "summarize_samples",
     "target_adapter_name",
     "tasks_for_lang",
-    "T_FREE_METHODS",
 ]
-
-
-def __getattr__(name: str):
-    if name == "T_FREE_METHODS":  # deprecated: read ``METHODS[m].uses_t``
-        from adamergex_peft.methods import METHODS
-
-        return frozenset(m for m, method in METHODS.items() if not method.uses_t)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

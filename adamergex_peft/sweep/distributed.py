@@ -86,10 +86,11 @@ def gather_results(output_dir, settings, main: SweepResults, points, select, rul
     )
     order = {p.key: i for i, p in enumerate(points)}
     extra: dict[str, dict[str, Any]] = {}
+    done = merged.done()
     for shard in shards:
         merged.reference = merged.reference or shard.reference
         for p in shard.points:
-            if p["key"] not in merged.done():
+            if p["key"] not in done:
                 extra.setdefault(p["key"], p)
     merged.points += sorted(extra.values(), key=lambda p: order.get(p["key"], len(order)))
     reference_path = output_dir / SHARDS_DIR / REFERENCE_JSON
