@@ -264,21 +264,13 @@ def test_lm_eval_model_names_every_missing_argument_and_maps_fields():
         "adamergex model_args: pretrained, source_reference_adapter, target_reference_adapter: required"
     )
     assert "\n" not in message
-    with pytest.raises(ValueError) as excinfo:
-        model.AdaMergeXLM(
-            pretrained="m",
-            task_adapter="a",
-            source_reference_adapter="b",
-            target_reference_adapter="c",
-            lora_strategy="dense",
-        )
-    assert str(excinfo.value).startswith("adamergex model_args: lora_strategy: ")
-    with pytest.raises(ValueError) as excinfo:
-        model.AdaMergeXLM(
-            pretrained="m",
-            task_adapter="a",
-            source_reference_adapter="b",
-            target_reference_adapter="c",
-            allow_different_base_models="maybe",
-        )
-    assert str(excinfo.value).startswith("adamergex model_args: allow_different_base_models: ")
+    adapters = {
+        "pretrained": "m",
+        "task_adapter": "a",
+        "source_reference_adapter": "b",
+        "target_reference_adapter": "c",
+    }
+    for argument, bad in (("lora_strategy", "dense"), ("allow_different_base_models", "maybe")):
+        with pytest.raises(ValueError) as excinfo:
+            model.AdaMergeXLM(**adapters, **{argument: bad})
+        assert str(excinfo.value).startswith(f"adamergex model_args: {argument}: ")
